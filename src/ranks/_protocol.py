@@ -1,0 +1,87 @@
+"""The messages on a rank's control channel, and how they are framed.
+
+One socket pair per rank carries these, pickled and length-framed by
+``multiprocessing.connection.Connection``. The user's data rides inside as cloudpickle bytes
+(``payload`` fields) so the frames themselves are plain pickles of this module's classes.
+The user's NCCL/Gloo traffic never uses this channel, and the ranks' output has its own pipes.
+
+    kernel                                   rank
+      | -- Init (sys.path, cwd, placement) --> |
+      | <------------- Ready (pid, device) --- |   (after torch.distributed, if asked)
+      | -- Call (run | exec | push | pull) --> |
+      | <------------------ Done | Failed ---- |   (one per Call)
+      | -- Close ----------------------------> |   rank cleans up and exits
+"""
+
+from __future__ import annotations
+
+import enum
+import pickle
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import Union
+
+
+class CallKind(enum.Enum):
+    RUN = "run"  # payload: cloudpickled (fn, args, kwargs); result: fn's return value
+    EXEC = "exec"  # payload: (source, filename); result: None
+    PUSH = "push"  # payload: cloudpickled {name: value}; result: None
+    PULL = "pull"  # payload: the name; result: the value
+
+
+@dataclass(frozen=True)
+class Init:
+    rank: int
+    world_size: int
+    gpu: int | None
+    torch_dist: bool
+    sys_path: tuple[str, ...]
+    cwd: str
+
+
+@dataclass(frozen=True)
+class Ready:
+    pid: int
+
+
+@dataclass(frozen=True)
+class Call:
+    call_id: int
+    kind: CallKind
+    payload: bytes
+    # Notebook cells as IPython keeps them in linecache, so tracebacks on the rank show them.
+    cells: dict[str, tuple[int, None, list[str], str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Done:
+    call_id: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Failed:
+    call_id: int | None  # None: failed while starting
+    error: bytes | None  # the pickled exception, None when it would not pickle
+    type_name: str
+    message: str
+    traceback: str
+    during: str
+    at: float  # time.monotonic() on the rank: system-wide, so ranks' failures can be ordered
+
+
+@dataclass(frozen=True)
+class Close:
+    pass
+
+
+Message = Union[Init, Ready, Call, Done, Failed, Close]
+
+
+def send(conn: Connection, message: Message) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def recv(conn: Connection) -> Message:
+    message: Message = pickle.loads(conn.recv_bytes())
+    return message

@@ -1,0 +1,67 @@
+"""From what each rank did to the one exception the cell shows.
+
+The earliest failure is the cause (ordered by ``time.monotonic()``, which is system-wide on
+one host): a rank's own exception comes back with its original type, the rank's traceback
+as ``__cause__`` and a note naming rank, pid and device; a death is a RankCrashed. Ranks
+that failed later, or that were stopped because of the first failure, are summarised in a
+note, so the cell leads with the root cause and not with its echoes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from . import _serialize
+from ._errors import RankFailed, RankTraceback, add_note
+from ._protocol import Failed
+from ._supervisor import Outcome
+
+
+def build_error(
+    outcomes: Mapping[int, Outcome], pids: Mapping[int, int], devices: Mapping[int, str]
+) -> BaseException | None:
+    """The exception for these outcomes, or None if every rank succeeded."""
+    failed = [o for o in outcomes.values() if not o.ok]
+    if not failed:
+        return None
+    # A rank we stopped is an echo of another failure, unless nothing else failed.
+    own = [o for o in failed if o.stopped_by is None] or failed
+    cause = min(own, key=lambda o: (o.at, o.rank))
+    error = _exception_of(cause, pids, devices)
+    others = sorted((o for o in failed if o is not cause), key=lambda o: o.rank)
+    if others:
+        add_note(error, "ranks: other ranks:\n" + "\n".join(
+            f"  rank {o.rank}: {_summary(o)}" for o in others
+        ))
+    return error
+
+
+def _exception_of(
+    outcome: Outcome, pids: Mapping[int, int], devices: Mapping[int, str]
+) -> BaseException:
+    if outcome.crash is not None:
+        return outcome.crash
+    reply = outcome.reply
+    assert isinstance(reply, Failed), reply
+    where = f"rank {outcome.rank} (pid {pids.get(outcome.rank)}, {devices.get(outcome.rank)})"
+    error: BaseException
+    if reply.error is None:
+        error = RankFailed(outcome.rank, reply.type_name, reply.message, reply.traceback)
+    else:
+        error = _serialize.loads(reply.error)
+    error.__cause__ = RankTraceback(reply.traceback)
+    verb = "raised" if reply.during == "running the function" else f"failed while {reply.during}"
+    add_note(error, f"ranks: {verb} on {where}")
+    return error
+
+
+def _summary(outcome: Outcome) -> str:
+    if outcome.crash is not None:
+        how = outcome.crash.signal_name or f"exit code {outcome.crash.exitcode}"
+        text = f"ended ({how})"
+    else:
+        assert isinstance(outcome.reply, Failed)
+        text = f"{outcome.reply.type_name}: {outcome.reply.message}".rstrip(": ")
+    if outcome.stopped_by is not None:
+        text += f" after ranks sent it {outcome.stopped_by}"
+    return text

@@ -1,0 +1,375 @@
+"""The kernel side of one World: starts its ranks, waits on them, stops them, cleans up.
+
+Every wait is one ``multiprocessing.connection.wait`` over all of the ranks' control
+channels, output pipes and process sentinels together, so a reply, a line of output and a
+death wake the kernel alike and nothing sleeps in a poll loop. It runs in the thread that
+made the call, which is why ipykernel files the ranks' output under the calling cell.
+
+Stopping a rank escalates, each step after a short grace and only if the rank is still
+running:
+
+    SIGINT to the rank (its ``finally`` blocks and ``except KeyboardInterrupt`` run)
+      --> SIGTERM to its process group --> SIGKILL to its process group
+
+Escalation starts when a rank fails (the others are stopped at once: a peer blocked in a
+Gloo or NCCL collective would otherwise wait for it forever), on ``timeout``, and on an
+interrupt of the kernel; a second interrupt skips to SIGKILL.
+
+What a wait ends with is an :class:`Outcome` per rank; ``_report`` turns those into the
+exception the cell shows.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+
+from . import _protocol
+from ._errors import RankCrashed, RanksTimeout
+from ._output import OutputRouter
+from ._placement import RankSpec
+from ._protocol import Call, CallKind, Close, Done, Failed, Init, Ready
+from ._spawn import RankProcess, spawn_rank
+
+log = logging.getLogger("ranks")
+
+# Seconds a rank gets at each step of being stopped; short, because a rank that does not
+# answer SIGINT is almost always blocked in a collective and will never answer it.
+INTERRUPT_GRACE = 1.0
+TERMINATE_GRACE = 1.0
+KILL_GRACE = 5.0
+CLOSE_GRACE = 10.0  # a clean Close destroys process groups and flushes; give it time
+STACK_DUMP_WAIT = 0.3
+_ESCALATION = (
+    (signal.SIGINT, INTERRUPT_GRACE),
+    (signal.SIGTERM, TERMINATE_GRACE),
+    (signal.SIGKILL, KILL_GRACE),
+)
+_READ_CHUNK = 1 << 16
+
+
+@dataclass
+class Outcome:
+    """How one rank ended one wait: a reply, or the death of the process."""
+
+    rank: int
+    reply: Done | Failed | Ready | None = None
+    crash: RankCrashed | None = None
+    stopped_by: str | None = None  # the last signal we sent it, if we had to stop it
+    at: float = 0.0  # when it ended, time.monotonic()
+
+    @property
+    def ok(self) -> bool:
+        return isinstance(self.reply, (Done, Ready))
+
+
+@dataclass
+class WaitResult:
+    outcomes: dict[int, Outcome]
+    interrupted: bool
+    timeout: RanksTimeout | None
+
+
+class Supervisor:
+    """Owns the processes of one World; every method runs in the calling thread."""
+
+    def __init__(self, specs: list[RankSpec], envs: Mapping[int, Mapping[str, str]], cwd: str):
+        self.specs = specs
+        self._envs = envs
+        self._cwd = cwd
+        self._procs: dict[int, RankProcess] = {}
+        self._escalating: dict[int, tuple[int, float]] = {}  # rank -> (next step, when)
+        self._signalled: dict[int, str] = {}
+        self._call_ids = itertools.count(1)
+        self._shown: Callable[[int], bool] = lambda rank: True
+        self.router = OutputRouter(lambda rank: self._shown(rank))
+        self._tmpdir = tempfile.mkdtemp(prefix="ranks-")
+        self._closed = False
+
+    # --- life cycle -------------------------------------------------------------------
+
+    def start(self, init_for: Callable[[RankSpec], Init], timeout: float | None) -> WaitResult:
+        """Spawn every rank and wait until each is Ready (or one fails: then stop the rest)."""
+        started = time.monotonic()
+        for spec in self.specs:
+            stacks = os.path.join(self._tmpdir, f"stacks-{spec.rank}.txt")
+            proc = spawn_rank(spec, self._envs[spec.rank], self._cwd, stacks)
+            self._procs[spec.rank] = proc
+            _protocol.send(proc.conn, init_for(spec))
+        return self._wait([s.rank for s in self.specs], Ready, None, started, timeout, "starting")
+
+    def close(self) -> None:
+        """Ask every live rank to exit, escalate for those that do not; release everything."""
+        if self._closed:
+            return
+        self._closed = True
+        live = [p for p in self._procs.values() if p.alive]
+        for proc in live:
+            try:
+                _protocol.send(proc.conn, Close())
+            except OSError:
+                pass  # already gone: its sentinel says so below
+        deadline = time.monotonic() + CLOSE_GRACE
+        waiting = {p.spec.rank for p in live}
+        while waiting:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and not self._escalating:
+                log.info("ranks %s did not exit %.0f s after Close; terminating them",
+                         sorted(waiting), CLOSE_GRACE)
+                self._escalate(waiting, first_step=1)
+            self._pump(waiting, None, deadline, {})
+        for proc in self._procs.values():
+            proc.signal_group(signal.SIGKILL)  # children a rank left behind (it has exited)
+            proc.release()
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def kill(self) -> None:
+        """Stop now: SIGKILL every rank's process group, then release like close()."""
+        for proc in self._procs.values():
+            proc.signal_group(signal.SIGKILL)
+        self.close()
+
+    @property
+    def pids(self) -> dict[int, int]:
+        return {rank: proc.pid for rank, proc in self._procs.items()}
+
+    def dead_ranks(self) -> list[int]:
+        return [rank for rank, proc in self._procs.items() if not proc.alive]
+
+    # --- calls -------------------------------------------------------------------------
+
+    def call(
+        self,
+        kind: CallKind,
+        payloads: Mapping[int, bytes],
+        cells: Mapping[str, tuple[int, None, list[str], str]],
+        timeout: float | None,
+        shown: Callable[[int], bool],
+        started: float | None = None,
+    ) -> WaitResult:
+        """Send one Call to each rank in ``payloads`` and wait for all of them to answer.
+
+        ``timeout`` counts from ``started`` (default: now), so a one-shot call can count
+        its start-up in.
+        """
+        started = time.monotonic() if started is None else started
+        call_id = next(self._call_ids)
+        self._shown = shown
+        for rank, payload in payloads.items():
+            _protocol.send(self._procs[rank].conn, Call(call_id, kind, payload, dict(cells)))
+        return self._wait(list(payloads), Done, call_id, started, timeout, "running the function")
+
+    # --- waiting -----------------------------------------------------------------------
+
+    def _wait(
+        self,
+        ranks: Iterable[int],
+        expect: type[Ready] | type[Done],
+        call_id: int | None,
+        started: float,
+        timeout: float | None,
+        during: str,
+    ) -> WaitResult:
+        """Wait until each rank answered (``expect``, or Failed) or ended."""
+        deadline = None if timeout is None else started + timeout
+        pending = set(ranks)
+        outcomes: dict[int, Outcome] = {}
+        interrupted = False
+        timed_out: RanksTimeout | None = None
+        self._signalled.clear()
+        while pending:
+            if deadline is not None and timed_out is None and time.monotonic() >= deadline:
+                timed_out = self._time_out(pending, timeout or 0.0)
+                self._escalate(pending)
+            try:
+                self._pump(pending, (expect, call_id), None if timed_out else deadline,
+                           outcomes, during)
+            except KeyboardInterrupt:
+                # First interrupt: stop the ranks gently. Second: kill them now.
+                self._escalate(pending, first_step=2 if interrupted else 0)
+                interrupted = True
+                continue
+            if any(not o.ok and o.stopped_by is None for o in outcomes.values()):
+                self._escalate(pending)  # one rank failed: stop the others at once
+        self._escalating.clear()
+        self.router.flush()
+        return WaitResult(outcomes, interrupted, timed_out)
+
+    def _pump(
+        self,
+        pending: set[int],
+        expect: tuple[type[Ready] | type[Done], int | None] | None,
+        deadline: float | None,
+        outcomes: dict[int, Outcome],
+        during: str = "closing",
+    ) -> None:
+        """Wait once for anything from any rank (or a timer) and handle what arrived."""
+        now = time.monotonic()
+        self._advance_escalation(now, pending, outcomes)
+        wake = [deadline] if deadline is not None else []
+        wake += [when for _, when in self._escalating.values()]
+        timeout = max(0.0, min(wake) - now) if wake else None
+        sources: dict[object, tuple[str, RankProcess, int]] = {}
+        for proc in self._procs.values():
+            rank = proc.spec.rank
+            for fd in proc.output:
+                sources[fd] = ("output", proc, fd)
+            if proc.alive:
+                sources[proc.conn] = ("control", proc, 0)
+                sources[proc.sentinel] = ("sentinel", proc, 0)
+            elif rank in pending:
+                pending.discard(rank)  # died before this wait began
+                self._record_death(proc, outcomes, during)
+        if not pending:
+            return
+        ready = wait(list(sources), timeout)  # type: ignore[arg-type]
+        # Output first, so the lines a rank printed come before its reply or its death.
+        for key in sorted(ready, key=lambda k: sources[k][0] != "output"):
+            kind, proc, fd = sources[key]
+            if kind == "output":
+                self._read_output(proc, fd)
+            elif kind == "control":
+                self._read_control(proc, expect, pending, outcomes)
+            elif proc.alive:
+                proc.reap()
+                self._read_control(proc, expect, pending, outcomes)  # a last reply
+                for out_fd in proc.output:
+                    self._read_output(proc, out_fd)
+                self.router.finish(proc.spec.rank)
+                if proc.spec.rank in pending:
+                    pending.discard(proc.spec.rank)
+                    self._record_death(proc, outcomes, during)
+                self._escalating.pop(proc.spec.rank, None)
+        self.router.flush()
+
+    def _read_output(self, proc: RankProcess, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, _READ_CHUNK)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                # EOF: every writer (the rank and any child of it) closed the pipe.
+                del proc.output[fd]
+                os.close(fd)
+                return
+            self.router.feed(proc.spec.rank, proc.output[fd], data)
+            if len(data) < _READ_CHUNK:
+                return
+
+    def _read_control(
+        self,
+        proc: RankProcess,
+        expect: tuple[type[Ready] | type[Done], int | None] | None,
+        pending: set[int],
+        outcomes: dict[int, Outcome],
+    ) -> None:
+        """Take the rank's messages; the one ``expect`` names (or its Failed) ends its wait.
+
+        Anything else is the late answer to a call that was already given up on.
+        """
+        rank = proc.spec.rank
+        try:
+            while proc.conn.poll():
+                message = _protocol.recv(proc.conn)
+                if expect is None or rank not in pending:
+                    continue
+                kind, call_id = expect
+                answers = isinstance(message, kind) or isinstance(message, Failed)
+                if answers and getattr(message, "call_id", call_id) == call_id:
+                    pending.discard(rank)
+                    self._escalating.pop(rank, None)
+                    at = message.at if isinstance(message, Failed) else time.monotonic()
+                    outcomes[rank] = Outcome(rank, reply=message, stopped_by=self._signalled.get(rank), at=at)
+        except (EOFError, OSError):
+            pass  # the rank is gone; its sentinel reports how
+
+    def _record_death(self, proc: RankProcess, outcomes: dict[int, Outcome], during: str) -> None:
+        rank = proc.spec.rank
+        crash = RankCrashed(
+            rank, proc.pid, proc.reap(), proc.spec.describe(), self.router.tail(rank), during
+        )
+        outcomes[rank] = Outcome(rank, crash=crash, stopped_by=self._signalled.get(rank),
+                                 at=time.monotonic())
+
+    # --- stopping ----------------------------------------------------------------------
+
+    def _escalate(self, ranks: Iterable[int], first_step: int = 0) -> None:
+        """Start (or speed up) stopping these ranks, beginning at ``_ESCALATION[first_step]``."""
+        now = time.monotonic()
+        for rank in ranks:
+            step, _ = self._escalating.get(rank, (0, now))
+            if rank in self._escalating and step > first_step:
+                continue  # already further along
+            self._send_step(rank, first_step, now)
+
+    def _advance_escalation(self, now: float, pending: set[int], outcomes: dict[int, Outcome]) -> None:
+        for rank, (step, when) in list(self._escalating.items()):
+            if rank not in pending:
+                del self._escalating[rank]
+            elif now >= when:
+                if step < len(_ESCALATION):
+                    log.info("rank %d still running %.1f s after %s; escalating",
+                             rank, _ESCALATION[step - 1][1], _ESCALATION[step - 1][0].name)
+                    self._send_step(rank, step, now)
+                else:
+                    # SIGKILL did not end it (a process stuck in the GPU driver can do that):
+                    # stop waiting so the kernel is not held hostage.
+                    log.warning("rank %d survived SIGKILL for %.0f s; giving up on it", rank, KILL_GRACE)
+                    del self._escalating[rank]
+                    pending.discard(rank)
+                    proc = self._procs[rank]
+                    outcomes[rank] = Outcome(
+                        rank,
+                        crash=RankCrashed(rank, proc.pid, None, proc.spec.describe(),
+                                          self.router.tail(rank), "being stopped"),
+                        stopped_by="SIGKILL", at=now,
+                    )
+
+    def _send_step(self, rank: int, step: int, now: float) -> None:
+        signum, grace = _ESCALATION[step]
+        proc = self._procs[rank]
+        if signum == signal.SIGINT:
+            proc.signal_rank(signum)  # an interrupt is for the rank's main thread
+        else:
+            proc.signal_group(signum)  # the whole tree: DataLoader workers too
+        self._signalled[rank] = signum.name
+        self._escalating[rank] = (step + 1, now + grace)
+
+    def _time_out(self, pending: set[int], timeout: float) -> RanksTimeout:
+        """Ask each running rank for its Python stack (faulthandler), then build the error."""
+        for rank in pending:
+            proc = self._procs[rank]
+            open(proc.stacks_path, "w").close()
+            proc.signal_rank(signal.SIGUSR1)
+        time.sleep(STACK_DUMP_WAIT)  # the dump is written inside the signal handler
+        stacks = {}
+        for rank in pending:
+            with open(self._procs[rank].stacks_path, errors="replace") as dump:
+                stacks[rank] = _user_frames(dump.read())
+        return RanksTimeout(timeout, stacks)
+
+
+def _user_frames(dump: str) -> str:
+    """A faulthandler dump without ranks' own machinery: the control thread, our frames."""
+    threads = [block for block in dump.strip().split("\n\n") if block]
+    kept = []
+    for block in threads:
+        if "_read_commands" in block:
+            continue  # the rank's control-channel reader, never the user's
+        lines = [
+            line for line in block.splitlines()
+            if "ranks/_worker.py" not in line and 'File "<string>"' not in line
+        ]
+        kept.append("\n".join(lines))
+    return "\n\n".join(kept)

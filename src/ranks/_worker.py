@@ -1,0 +1,242 @@
+"""The rank side: the entry point of every rank process, and its command loop.
+
+A rank is a fresh interpreter (never a fork of the kernel). Its life:
+
+    guard parent death --> fault handler --> Init (sys.path, cwd) --> pin GPU
+      --> torch.distributed (if asked) --> Ready --> [Call -> Done | Failed]* --> Close --> exit
+
+The main thread runs the user's code, so KeyboardInterrupt (the kernel forwarding an
+interrupt as SIGINT) lands where the user expects it. A reader thread owns the control
+channel: it queues commands for the main thread and, when the channel closes because the
+kernel died, kills the rank's whole process group (DataLoader workers included). On Linux
+the parent-death signal is a second, independent guard for the rank itself.
+
+fds 1 and 2 are pipes to the kernel, set up by the launcher; Python's and C's stdio are
+line-buffered here so output streams live.
+"""
+
+from __future__ import annotations
+
+import builtins
+import ctypes
+import faulthandler
+import linecache
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from multiprocessing.connection import Connection
+from types import TracebackType
+from typing import Any
+
+from . import _context, _protocol, _serialize
+from ._protocol import Call, CallKind, Close, Done, Failed, Init, Ready
+
+
+def main(argv: list[str]) -> None:
+    control_fd, parent_pid, stacks_path = int(argv[0]), int(argv[1]), argv[2]
+    _guard_parent_death(parent_pid)
+    os.set_inheritable(control_fd, False)  # programs the user starts must not hold it open
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)
+    # SIGUSR1 dumps every thread's stack to a file the kernel reads on a timeout; the dump
+    # happens in the signal handler, so it works while the main thread is stuck in C code.
+    stacks_file = open(stacks_path, "w")  # noqa: SIM115 - lives as long as the process
+    faulthandler.register(signal.SIGUSR1, file=stacks_file, all_threads=True)
+    _line_buffer_c_stdio()
+
+    conn = Connection(control_fd)
+    init = _protocol.recv(conn)
+    assert isinstance(init, Init), init
+    os.chdir(init.cwd)
+    sys.path[:] = list(init.sys_path)
+    _context._set_current(_context.RankInfo(init.rank, init.world_size, init.rank, init.gpu))
+
+    try:
+        _set_up_devices(init)
+    except BaseException as error:  # noqa: BLE001 - every failure is reported, then we exit
+        _protocol.send(conn, _failure(None, error, "starting torch.distributed", skip=0))
+        os._exit(1)
+    _protocol.send(conn, Ready(os.getpid()))
+
+    commands: queue.Queue[_protocol.Message] = queue.Queue()
+    threading.Thread(target=_read_commands, args=(conn, commands), daemon=True,
+                     name="ranks-control").start()
+    _serve(conn, commands)
+    _tear_down()
+    os._exit(0)  # skip interpreter teardown: threads of libraries (NCCL, Gloo) can hang it
+
+
+def _guard_parent_death(parent_pid: int) -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    # The parent may have died before prctl took effect: then we were re-parented already.
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _line_buffer_c_stdio() -> None:
+    """Make C's stdout line-buffered: on a pipe it would hold output back until exit."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None)
+        c_stdout = ctypes.c_void_p.in_dll(libc, "stdout")
+        line_buffered = 1  # _IOLBF
+        libc.setvbuf(c_stdout, None, line_buffered, 0)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _flush_all() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):
+        pass
+
+
+def _set_up_devices(init: Init) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        if init.torch_dist:
+            raise ImportError("torch_dist=True needs torch installed on the ranks")
+        return
+    if init.gpu is None and not init.torch_dist:
+        return  # a CPU rank that was not asked for torch need not pay for importing it
+    import torch
+
+    if init.gpu is not None:
+        # Before any other CUDA call: without it the first one would create a context on
+        # cuda:0, which is rank 0's GPU.
+        torch.cuda.set_device(init.rank)
+    if init.torch_dist:
+        import torch.distributed as dist
+
+        if init.gpu is not None:
+            dist.init_process_group(
+                "nccl", rank=init.rank, world_size=init.world_size,
+                device_id=torch.device("cuda", init.rank),
+            )
+        else:
+            dist.init_process_group("gloo", rank=init.rank, world_size=init.world_size)
+
+
+def _tear_down() -> None:
+    """Destroy a process group that is still open, ours or one the user's code left."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _flush_all()
+
+
+def _read_commands(conn: Connection, commands: queue.Queue[_protocol.Message]) -> None:
+    while True:
+        try:
+            message = _protocol.recv(conn)
+        except (EOFError, OSError):
+            # The kernel is gone (killed, restarted): take the whole process group down,
+            # children the user's code started included.
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+            return
+        commands.put(message)
+        if isinstance(message, Close):
+            return
+
+
+def _serve(conn: Connection, commands: queue.Queue[_protocol.Message]) -> None:
+    namespace = sys.modules["__main__"].__dict__
+    signal.signal(signal.SIGINT, _on_interrupt)
+    while True:
+        message = commands.get()
+        if isinstance(message, Close):
+            return
+        assert isinstance(message, Call), message
+        reply = _execute(message, namespace)
+        _flush_all()
+        _protocol.send(conn, reply)
+
+
+_in_user_code = False
+
+
+def _on_interrupt(signum: int, frame: Any) -> None:
+    # The kernel forwards an interrupt as SIGINT. It must stop the user's code and nothing
+    # else: raised while a reply is being framed it would corrupt the channel, and raised
+    # while idle there is nothing to stop.
+    if _in_user_code:
+        raise KeyboardInterrupt
+
+
+def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
+    linecache.cache.update(call.cells)
+    try:
+        if call.kind is CallKind.RUN:
+            fn, args, kwargs = _serialize.loads(call.payload)
+        elif call.kind is CallKind.PUSH:
+            values = _serialize.loads(call.payload)
+        elif call.kind is CallKind.EXEC:
+            source, filename = _serialize.loads(call.payload)
+            code = compile(source, filename, "exec")
+    except BaseException as error:
+        return _failure(call.call_id, error, "loading what the kernel sent", skip=0)
+
+    global _in_user_code
+    _in_user_code = True
+    try:
+        if call.kind is CallKind.RUN:
+            result = fn(*args, **kwargs)
+        elif call.kind is CallKind.EXEC:
+            namespace.setdefault("__builtins__", builtins)
+            exec(code, namespace)
+            result = None
+        elif call.kind is CallKind.PUSH:
+            namespace.update(values)
+            result = None
+        else:
+            result = _pull(namespace, _serialize.loads(call.payload))
+    except BaseException as error:
+        # skip=1 drops this frame: the traceback starts in the user's code.
+        return _failure(call.call_id, error, "running the function", skip=1)
+    finally:
+        _in_user_code = False
+
+    try:
+        return Done(call.call_id, _serialize.dumps(result))
+    except BaseException as error:
+        return _failure(call.call_id, error, "sending the result to the kernel", skip=0)
+
+
+def _pull(namespace: dict[str, Any], name: str) -> Any:
+    try:
+        return namespace[name]
+    except KeyError:
+        rank = _context.current().rank
+        raise NameError(f"name {name!r} is not defined on rank {rank}") from None
+
+
+def _failure(call_id: int | None, error: BaseException, during: str, skip: int) -> Failed:
+    tb: TracebackType | None = error.__traceback__
+    for _ in range(skip):
+        tb = tb.tb_next if tb is not None else None
+    text = "".join(traceback.format_exception(type(error), error, tb))
+    try:
+        payload: bytes | None = _serialize.dumps(error)
+        _serialize.loads(payload)  # exceptions whose __init__ takes other args fail only here
+    except BaseException:
+        payload = None
+    return Failed(call_id, payload, type(error).__qualname__, str(error), text, during,
+                  time.monotonic())
+
+
+if __name__ == "__main__":  # pragma: no cover - started as `python -c` by the launcher
+    main(sys.argv[1:])
