@@ -1,0 +1,107 @@
+"""Fixtures shared by the suite: real kernels, and a check that nothing is left behind.
+
+Every test is followed by a leak check: a rank process (anything running ``ranks._worker``)
+still alive, a child of the test process that no fixture owns, a new thread in the test
+process, or a ``/dev/shm`` segment named like ranks, fails the test that left it (after a
+short grace for processes that are already on their way out) and is cleaned up.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from kernel import KERNEL_PIDS, Kernel
+
+LEAK_GRACE = 5.0
+
+
+def rank_processes() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "ranks._worker" in cmdline:
+            found.append(proc)
+    return found
+
+
+def _unexpected_children() -> list[psutil.Process]:
+    me = psutil.Process()
+    kernels = {pid for pid in KERNEL_PIDS if psutil.pid_exists(pid)}
+    owned = set(kernels)
+    for pid in kernels:
+        try:
+            owned |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+    return [c for c in me.children(recursive=True) if c.pid not in owned]
+
+
+def _shm_segments() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.iterdir() if "ranks" in p.name} if shm.exists() else set()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    threads_before = set(threading.enumerate())
+    shm_before = _shm_segments()
+    yield
+    deadline = time.monotonic() + LEAK_GRACE
+    while True:
+        ranks_left = rank_processes()
+        children = [c for c in _unexpected_children() if c not in ranks_left]
+        if not ranks_left and not children or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    new_threads = [
+        t for t in set(threading.enumerate()) - threads_before
+        if t.is_alive() and not t.name.startswith(("pytest_timeout", "IPythonHistory"))
+    ]
+    new_shm = _shm_segments() - shm_before
+    for proc in ranks_left + children:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    problems = []
+    if ranks_left:
+        problems.append(f"rank processes left running: {[p.pid for p in ranks_left]}")
+    if children:
+        problems.append(f"child processes left running: {[(c.pid, c.name()) for c in children]}")
+    if new_threads:
+        problems.append(f"threads left running: {[t.name for t in new_threads]}")
+    if new_shm:
+        problems.append(f"shared memory left: {sorted(new_shm)}")
+    assert not problems, "; ".join(problems)
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
+    """One real ipykernel per test module, started in its own empty folder."""
+    workdir = tmp_path_factory.mktemp("kernel")
+    k = Kernel(str(workdir))
+    k.workdir = workdir  # type: ignore[attr-defined]
+    k.ok("import ranks")
+    yield k
+    k.shutdown()
+
+
+@pytest.fixture
+def fresh_kernel(tmp_path: Path) -> Iterator[Kernel]:
+    """A kernel of the test's own, for tests that interrupt, kill or restart it."""
+    k = Kernel(str(tmp_path))
+    k.workdir = tmp_path  # type: ignore[attr-defined]
+    yield k
+    if psutil.pid_exists(k.pid):
+        try:
+            k.shutdown()
+        except Exception:
+            os.kill(k.pid, 9)
+    KERNEL_PIDS.discard(k.pid)
