@@ -39,7 +39,9 @@ _current: RankInfo | None = None
 def current() -> RankInfo:
     """The :class:`RankInfo` of the rank this code runs on; RanksError outside a rank."""
     if _current is None:
-        raise RanksError("ranks.current() is only available inside a rank (in fn or a %%ranks cell)")
+        raise RanksError(
+            "ranks.current() is only available inside a rank (in fn or a %%ranks cell)"
+        )
     return _current
 
 

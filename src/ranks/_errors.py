@@ -15,6 +15,7 @@ sent on (to a Ray driver, to a log) without losing them.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -157,7 +158,5 @@ def add_note(exc: BaseException, note: str) -> None:
     else:  # pragma: no cover - Python 3.10
         notes = list(getattr(exc, "__notes__", []))
         notes.append(note)
-        try:
+        with contextlib.suppress(AttributeError):
             exc.__notes__ = notes  # type: ignore[attr-defined]
-        except AttributeError:
-            pass

@@ -41,3 +41,79 @@ def kernel_environment() -> dict[str, str]:
     if env.get("MPLBACKEND", "").startswith("module://matplotlib_inline"):
         del env["MPLBACKEND"]
     return env
+
+
+def in_ipykernel() -> bool:
+    """True when this code runs in a Jupyter kernel (output then goes to a cell)."""
+    if "ipykernel" not in sys.modules:
+        return False
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+class NotebookSink:
+    """Output into the calling cell: stream lines, plus one live display per progress bar.
+
+    A line redrawn with carriage returns (tqdm) becomes a display that is updated in place
+    (at most every PROGRESS_INTERVAL seconds, and always with its final state), instead of
+    one stream line per redraw.
+    """
+
+    PROGRESS_INTERVAL = 0.1
+
+    def __init__(self) -> None:
+        self._bars: dict[tuple[int, str], _Bar] = {}
+
+    def line(self, rank: int, stream: str, text: str) -> None:
+        bar = self._bars.pop((rank, stream), None)
+        if bar is not None:  # the redrawn line is finished: its final state, in place
+            bar.show(f"[rank {rank}] {text}")
+            return
+        target = sys.stdout if stream == "stdout" else sys.stderr
+        target.write(f"[rank {rank}] {text}\n")
+
+    def progress(self, rank: int, stream: str, text: str) -> None:
+        bar = self._bars.get((rank, stream))
+        if bar is None:
+            self.flush()  # lines printed before the bar stay above it
+            bar = self._bars[(rank, stream)] = _Bar()
+        bar.pending = f"[rank {rank}] {text}"
+        bar.show_if_due(self.PROGRESS_INTERVAL)
+
+    def flush(self) -> None:
+        for bar in self._bars.values():
+            bar.show_if_due(self.PROGRESS_INTERVAL)
+        for target in (sys.stdout, sys.stderr):
+            target.flush()
+
+
+class _Bar:
+    _ids = 0
+
+    def __init__(self) -> None:
+        _Bar._ids += 1
+        self.display_id = f"ranks-{os.getpid()}-{_Bar._ids}"
+        self.shown: str | None = None
+        self.pending = ""
+        self.when = 0.0
+
+    def show_if_due(self, interval: float) -> None:
+        import time
+
+        if self.pending != self.shown and time.monotonic() - self.when >= interval:
+            self.show(self.pending)
+
+    def show(self, text: str) -> None:
+        import time
+
+        from IPython.display import display, update_display
+
+        bundle = {"text/plain": text}
+        if self.shown is None:
+            display(bundle, raw=True, display_id=self.display_id)  # type: ignore[no-untyped-call]
+        else:
+            update_display(bundle, raw=True, display_id=self.display_id)  # type: ignore[no-untyped-call]
+        self.shown = self.pending = text
+        self.when = time.monotonic()

@@ -1,69 +1,252 @@
-"""What the ranks print, labelled by rank, into the kernel's own stdout and stderr.
+"""What the ranks print: into the calling cell, labelled by rank, and in full into a log.
 
-Bytes arrive from each rank's fd 1 and fd 2 pipes (read by the supervisor in the thread
-that made the call, so ipykernel files them under the calling cell). Here they become
-lines: decoded incrementally (a UTF-8 character may be split across reads), labelled
-``[rank N]``, written to ``sys.stdout`` or ``sys.stderr`` as they came. A carriage return
-(a progress bar redrawing) keeps only the latest state of the line. The last lines of each
-rank are kept for the error message when a rank dies.
+Data flow for one rank's fd 1 or fd 2 (read by the supervisor in the calling thread, so
+ipykernel files it under the calling cell):
+
+    bytes --> log file (everything, always)
+          --> decoder + line assembly --> complete line --> rate limit --> sink (shown)
+                                      \\-> "\\r" redraw --> throttle --> sink progress
+
+* A line is shown when its newline arrives, or when the call ends (a partial line).
+* A carriage return redraws a line (tqdm and friends): the sink keeps one updating line per
+  rank and stream (a display in a notebook, a throttled snapshot in a terminal), and the
+  finished line replaces it.
+* A flood is cut by a per-rank token bucket: what is not shown is counted, summarised in
+  the cell with the path of the rank's full log, and kept in that log.
+* The last lines of each rank are kept for the error message when it dies.
+
+Output that arrives between two calls of a World belongs to no cell: it is logged only.
 """
 
 from __future__ import annotations
 
+import atexit
 import codecs
+import contextlib
+import itertools
+import os
+import shutil
 import sys
+import tempfile
+import time
 from collections import deque
 from collections.abc import Callable
+from typing import IO, Protocol
 
 TAIL_LINES = 30
+KEEP_LOG_DIRS = 20  # the logs of this many recent Worlds of a kernel stay on disk
+# Per rank: a burst of BURST_LINES, then RATE_LINES a second; enough for training logs,
+# well under what a browser (and Jupyter's IOPub rate limit) can take.
+BURST_LINES = 1000
+RATE_LINES = 200.0
+PROGRESS_INTERVAL = 0.1  # notebook displays redraw at most this often
+DROP_REPORT_INTERVAL = 2.0
 
 
-class _Stream:
+class Sink(Protocol):
+    """Where shown output goes: a terminal (plain labelled lines) or a notebook cell."""
+
+    def line(self, rank: int, stream: str, text: str) -> None: ...
+
+    def progress(self, rank: int, stream: str, text: str) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+class TerminalSink:
+    """Labelled lines on the kernel's sys.stdout / sys.stderr; redraws as rare snapshots."""
+
+    SNAPSHOT_INTERVAL = 5.0
+
+    def __init__(self) -> None:
+        self._last_snapshot: dict[tuple[int, str], float] = {}
+
+    def line(self, rank: int, stream: str, text: str) -> None:
+        self._last_snapshot.pop((rank, stream), None)
+        _target(stream).write(f"[rank {rank}] {text}\n")
+
+    def progress(self, rank: int, stream: str, text: str) -> None:
+        now = time.monotonic()
+        last = self._last_snapshot.get((rank, stream))
+        if last is None:
+            self._last_snapshot[(rank, stream)] = now  # first redraw: wait for more
+        elif now - last >= self.SNAPSHOT_INTERVAL:
+            self._last_snapshot[(rank, stream)] = now
+            _target(stream).write(f"[rank {rank}] {text}\n")
+
+    def flush(self) -> None:
+        for stream in ("stdout", "stderr"):
+            with contextlib.suppress(OSError, ValueError):
+                _target(stream).flush()
+
+
+def _target(stream: str) -> IO[str]:
+    return sys.stdout if stream == "stdout" else sys.stderr
+
+
+class _Assembler:
+    """Bytes of one stream of one rank into finished lines and the line being redrawn."""
+
     def __init__(self) -> None:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.partial = ""
+        self.redrawn = False  # the partial line was redrawn with "\r" since its last newline
+
+    def feed(self, data: bytes) -> tuple[list[str], str | None]:
+        text = self.partial + self.decoder.decode(data)
+        *lines, self.partial = text.split("\n")
+        finished = [_visible(line) for line in lines]
+        if lines:
+            self.redrawn = False
+        progress = None
+        if "\r" in self.partial:
+            self.redrawn = True
+            progress = _visible(self.partial)
+            self.partial = "\r" + progress  # keep only what a terminal shows now
+        return finished, progress
+
+    def rest(self) -> str:
+        text = _visible(self.partial + self.decoder.decode(b"", final=True))
+        self.partial = ""
+        self.redrawn = False
+        return text
+
+
+def _visible(line: str) -> str:
+    """What a terminal shows of a line redrawn with carriage returns: its last state."""
+    states = [state for state in line.split("\r") if state]
+    return states[-1] if states else ""
+
+
+class _Bucket:
+    def __init__(self) -> None:
+        self.tokens = float(BURST_LINES)
+        self.stamp = time.monotonic()
+        self.dropped = 0
+        self.reported = self.stamp
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(BURST_LINES, self.tokens + (now - self.stamp) * RATE_LINES)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        self.dropped += 1
+        return False
 
 
 class OutputRouter:
-    """Turns the ranks' output bytes into labelled lines; keeps each rank's last lines."""
+    """Routes every rank's output for one World; ``begin_call`` binds it to a call."""
 
-    def __init__(self, shown: Callable[[int], bool]) -> None:
-        self._shown = shown
-        self._streams: dict[tuple[int, str], _Stream] = {}
+    def __init__(self, log_dir: str, sink_factory: Callable[[], Sink]) -> None:
+        self._log_dir = log_dir
+        self._sink_factory = sink_factory
+        self._sink: Sink | None = None  # None between calls: log only
+        self._shown: Callable[[int], bool] = lambda rank: False
+        self._assemblers: dict[tuple[int, str], _Assembler] = {}
+        self._buckets: dict[int, _Bucket] = {}
         self._tails: dict[int, deque[str]] = {}
+        self._logs: dict[int, IO[bytes]] = {}
+
+    def log_path(self, rank: int) -> str:
+        return os.path.join(self._log_dir, f"rank-{rank}.log")
+
+    def begin_call(self, shown: Callable[[int], bool]) -> None:
+        self._sink = self._sink_factory()
+        self._shown = shown
+        self._buckets.clear()
+
+    def end_call(self) -> None:
+        """Show what the call left without a newline, report drops, and unbind the sink."""
+        for rank, _ in list(self._assemblers):
+            self.finish(rank)
+        for rank in sorted(self._buckets):
+            self._report_drops(rank, final=True)
+        self.flush()
+        self._sink = None
 
     def feed(self, rank: int, stream: str, data: bytes) -> None:
-        state = self._streams.setdefault((rank, stream), _Stream())
-        text = state.partial + state.decoder.decode(data)
-        *lines, state.partial = text.split("\n")
+        self._log(rank).write(data)
+        assembler = self._assemblers.setdefault((rank, stream), _Assembler())
+        lines, progress = assembler.feed(data)
         for line in lines:
-            self._emit(rank, stream, line)
+            self._line(rank, stream, line)
+        if progress is not None and self._sink is not None and self._shown(rank):
+            self._sink.progress(rank, stream, progress)
 
     def finish(self, rank: int) -> None:
-        """The rank is done (or gone): show what it left without a final newline."""
-        for (owner, stream), state in self._streams.items():
-            if owner != rank:
-                continue
-            rest = state.partial + state.decoder.decode(b"", final=True)
-            state.partial = ""
-            if rest:
-                self._emit(rank, stream, rest)
+        """The rank is done for now (call over) or gone: show its unfinished lines."""
+        for (owner, stream), assembler in self._assemblers.items():
+            if owner == rank and (assembler.partial or assembler.redrawn):
+                self._line(rank, stream, assembler.rest())
+        log = self._logs.get(rank)
+        if log is not None:
+            log.flush()
 
     def tail(self, rank: int) -> list[str]:
         return list(self._tails.get(rank, ()))
 
-    def _emit(self, rank: int, stream: str, line: str) -> None:
-        line = line.rstrip("\r").rsplit("\r", 1)[-1]  # what a terminal shows after redraws
-        self._tails.setdefault(rank, deque(maxlen=TAIL_LINES)).append(line)
-        if not self._shown(rank):
-            return
-        target = sys.stdout if stream == "stdout" else sys.stderr
-        target.write(f"[rank {rank}] {line}\n")
-
     def flush(self) -> None:
-        """Called after each batch of reads, so a flood is flushed in batches, not per line."""
-        for target in (sys.stdout, sys.stderr):
-            try:
-                target.flush()
-            except (OSError, ValueError):
-                pass
+        if self._sink is not None:
+            for rank in self._buckets:
+                self._report_drops(rank, final=False)
+            self._sink.flush()
+
+    def close(self) -> None:
+        for log in self._logs.values():
+            log.close()
+        self._logs.clear()
+
+    def _line(self, rank: int, stream: str, text: str) -> None:
+        self._tails.setdefault(rank, deque(maxlen=TAIL_LINES)).append(text)
+        if self._sink is None or not self._shown(rank):
+            return
+        bucket = self._buckets.setdefault(rank, _Bucket())
+        if bucket.take():
+            self._sink.line(rank, stream, text)
+
+    def _report_drops(self, rank: int, final: bool) -> None:
+        bucket = self._buckets[rank]
+        now = time.monotonic()
+        if not bucket.dropped or (not final and now - bucket.reported < DROP_REPORT_INTERVAL):
+            return
+        assert self._sink is not None
+        self._sink.line(rank, "stderr", f"... {bucket.dropped} lines not shown (more than"
+                        f" {RATE_LINES:g} a second); full log: {self.log_path(rank)}")
+        bucket.dropped = 0
+        bucket.reported = now
+
+    def _log(self, rank: int) -> IO[bytes]:
+        log = self._logs.get(rank)
+        if log is None:
+            log = self._logs[rank] = open(self.log_path(rank), "ab")  # noqa: SIM115
+        return log
+
+
+_log_dirs: deque[str] = deque()
+_log_numbers = itertools.count(1)
+
+
+def new_log_dir() -> str:
+    """A folder for one World's rank logs; this process keeps the last KEEP_LOG_DIRS.
+
+    The logs must outlive a one-shot call (a flood's summary points at them), so they are
+    removed when newer Worlds push them out and at interpreter exit, not at close.
+    """
+    if not _log_dirs:
+        # Registered with the first World, not at import (importing ranks has no effects).
+        atexit.register(_remove_log_dirs)
+    root = os.path.join(tempfile.gettempdir(), f"ranks-logs-{os.getuid()}")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    path = os.path.join(root, f"kernel-{os.getpid()}-world-{next(_log_numbers)}")
+    os.makedirs(path, mode=0o700)
+    _log_dirs.append(path)
+    while len(_log_dirs) > KEEP_LOG_DIRS:
+        shutil.rmtree(_log_dirs.popleft(), ignore_errors=True)
+    return path
+
+
+def _remove_log_dirs() -> None:
+    while _log_dirs:
+        shutil.rmtree(_log_dirs.popleft(), ignore_errors=True)

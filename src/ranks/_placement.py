@@ -132,3 +132,25 @@ def _check_gpu_ids(gpus: Sequence[int], visible_count: int) -> list[int]:
         seen = f"0..{visible_count - 1}" if visible_count else "none"
         raise ValueError(f"gpus={gpu_list}: no GPU {unknown} here (visible GPUs: {seen})")
     return gpu_list
+
+
+def gpu_memory_by_pid() -> dict[int, int]:
+    """MiB of GPU memory each process holds, summed over GPUs (empty without nvidia-smi)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return {}
+    try:
+        listing = subprocess.run(
+            [smi, "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    used: dict[int, int] = {}
+    for row in listing.splitlines():
+        pid, _, mib = row.partition(",")
+        try:
+            used[int(pid)] = used.get(int(pid), 0) + int(mib)
+        except ValueError:
+            continue  # "[N/A]" where the driver does not say
+    return used

@@ -19,7 +19,6 @@ import enum
 import pickle
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Union
 
 
 class CallKind(enum.Enum):
@@ -75,7 +74,7 @@ class Close:
     pass
 
 
-Message = Union[Init, Ready, Call, Done, Failed, Close]
+Message = Init | Ready | Call | Done | Failed | Close
 
 
 def send(conn: Connection, message: Message) -> None:

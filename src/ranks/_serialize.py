@@ -72,7 +72,9 @@ def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[st
         ) from error
 
 
-def _find_unpicklable(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+def _find_unpicklable(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> str:
     for index, value in enumerate(args):
         if not _picklable(value):
             return f"args[{index}] ({type(value).__name__})"
@@ -100,21 +102,21 @@ def _captured(fn: Callable[..., Any]) -> Iterator[tuple[str, Any]]:
         return
     name = func.__qualname__
     code = func.__code__
-    for var, cell in zip(code.co_freevars, func.__closure__ or ()):
+    for var, cell in zip(code.co_freevars, func.__closure__ or (), strict=False):
         try:
             yield f"variable {var!r} captured by {name}", cell.cell_contents
         except ValueError:  # an empty cell
             continue
-    for var in sorted(_global_names(code)):
+    for var in sorted(global_names(code)):
         if var in func.__globals__:
             yield f"global {var!r} used by {name}", func.__globals__[var]
     for index, default in enumerate(func.__defaults__ or ()):
         yield f"default argument {index} of {name}", default
 
 
-def _global_names(code: types.CodeType) -> set[str]:
+def global_names(code: types.CodeType) -> set[str]:
     names = set(code.co_names)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= _global_names(const)
+            names |= global_names(const)
     return names

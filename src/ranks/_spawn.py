@@ -17,6 +17,7 @@ safe. A start that fails half-way closes what it opened before it re-raises.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -68,18 +69,14 @@ class RankProcess:
 
     def signal_group(self, signum: int) -> None:
         """Signal the rank's whole process group (its children too); gone is fine."""
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signum)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def signal_rank(self, signum: int) -> None:
         """Signal the rank process alone (an interrupt is for its main thread)."""
         if self.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 self.popen.send_signal(signum)
-            except ProcessLookupError:
-                pass
 
     def release(self) -> None:
         """Close every fd this handle owns. The process must have been reaped or killed."""
@@ -161,7 +158,5 @@ def _process_sentinel(popen: subprocess.Popen[bytes]) -> int:
 
 
 def _close_quietly(fd: int) -> None:
-    try:
+    with contextlib.suppress(OSError):
         os.close(fd)
-    except OSError:
-        pass

@@ -21,6 +21,7 @@ exception the cell shows.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -30,11 +31,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 
-from . import _protocol
+from . import _notebook, _protocol
 from ._errors import RankCrashed, RanksTimeout
-from ._output import OutputRouter
+from ._output import OutputRouter, Sink, TerminalSink, new_log_dir
 from ._placement import RankSpec
 from ._protocol import Call, CallKind, Close, Done, Failed, Init, Ready
 from ._spawn import RankProcess, spawn_rank
@@ -87,10 +88,10 @@ class Supervisor:
         self._cwd = cwd
         self._procs: dict[int, RankProcess] = {}
         self._escalating: dict[int, tuple[int, float]] = {}  # rank -> (next step, when)
-        self._signalled: dict[int, str] = {}
+        self._signalled: dict[int, tuple[str, float]] = {}  # rank -> (last signal, when)
         self._call_ids = itertools.count(1)
         self._shown: Callable[[int], bool] = lambda rank: True
-        self.router = OutputRouter(lambda rank: self._shown(rank))
+        self.router = OutputRouter(new_log_dir(), _make_sink)
         self._tmpdir = tempfile.mkdtemp(prefix="ranks-")
         self._closed = False
 
@@ -104,19 +105,23 @@ class Supervisor:
             proc = spawn_rank(spec, self._envs[spec.rank], self._cwd, stacks)
             self._procs[spec.rank] = proc
             _protocol.send(proc.conn, init_for(spec))
-        return self._wait([s.rank for s in self.specs], Ready, None, started, timeout, "starting")
+        self.router.begin_call(self._shown)
+        try:
+            return self._wait([s.rank for s in self.specs], Ready, None, started, timeout,
+                              "starting")
+        finally:
+            self.router.end_call()
 
     def close(self) -> None:
         """Ask every live rank to exit, escalate for those that do not; release everything."""
         if self._closed:
             return
         self._closed = True
+        self.router.begin_call(self._shown)
         live = [p for p in self._procs.values() if p.alive]
         for proc in live:
-            try:
+            with contextlib.suppress(OSError):  # already gone: its sentinel says so below
                 _protocol.send(proc.conn, Close())
-            except OSError:
-                pass  # already gone: its sentinel says so below
         deadline = time.monotonic() + CLOSE_GRACE
         waiting = {p.spec.rank for p in live}
         while waiting:
@@ -128,7 +133,11 @@ class Supervisor:
             self._pump(waiting, None, deadline, {})
         for proc in self._procs.values():
             proc.signal_group(signal.SIGKILL)  # children a rank left behind (it has exited)
+            for fd in list(proc.output):
+                self._read_output(proc, fd)
             proc.release()
+        self.router.end_call()
+        self.router.close()
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
     def kill(self) -> None:
@@ -137,11 +146,18 @@ class Supervisor:
             proc.signal_group(signal.SIGKILL)
         self.close()
 
+    def log_path(self, rank: int) -> str:
+        return self.router.log_path(rank)
+
     @property
     def pids(self) -> dict[int, int]:
         return {rank: proc.pid for rank, proc in self._procs.items()}
 
     def dead_ranks(self) -> list[int]:
+        """Ranks whose process has ended, also those that died since the last call."""
+        for proc in self._procs.values():
+            if proc.alive and proc.popen.poll() is not None:
+                proc.reap()
         return [rank for rank, proc in self._procs.items() if not proc.alive]
 
     # --- calls -------------------------------------------------------------------------
@@ -162,10 +178,19 @@ class Supervisor:
         """
         started = time.monotonic() if started is None else started
         call_id = next(self._call_ids)
+        # What ranks printed since the last call belongs to no cell: into the logs only.
+        for proc in self._procs.values():
+            for fd in list(proc.output):
+                self._read_output(proc, fd)
         self._shown = shown
-        for rank, payload in payloads.items():
-            _protocol.send(self._procs[rank].conn, Call(call_id, kind, payload, dict(cells)))
-        return self._wait(list(payloads), Done, call_id, started, timeout, "running the function")
+        self.router.begin_call(shown)
+        try:
+            for rank, payload in payloads.items():
+                _protocol.send(self._procs[rank].conn, Call(call_id, kind, payload, dict(cells)))
+            return self._wait(list(payloads), Done, call_id, started, timeout,
+                              "running the function")
+        finally:
+            self.router.end_call()
 
     # --- waiting -----------------------------------------------------------------------
 
@@ -285,12 +310,14 @@ class Supervisor:
                 if expect is None or rank not in pending:
                     continue
                 kind, call_id = expect
-                answers = isinstance(message, kind) or isinstance(message, Failed)
+                answers = isinstance(message, (kind, Failed))
                 if answers and getattr(message, "call_id", call_id) == call_id:
                     pending.discard(rank)
                     self._escalating.pop(rank, None)
                     at = message.at if isinstance(message, Failed) else time.monotonic()
-                    outcomes[rank] = Outcome(rank, reply=message, stopped_by=self._signalled.get(rank), at=at)
+                    assert isinstance(message, (Done, Failed, Ready)), message
+                    stopped_by = self._stopped_by(rank, at)
+                    outcomes[rank] = Outcome(rank, reply=message, stopped_by=stopped_by, at=at)
         except (EOFError, OSError):
             pass  # the rank is gone; its sentinel reports how
 
@@ -299,8 +326,13 @@ class Supervisor:
         crash = RankCrashed(
             rank, proc.pid, proc.reap(), proc.spec.describe(), self.router.tail(rank), during
         )
-        outcomes[rank] = Outcome(rank, crash=crash, stopped_by=self._signalled.get(rank),
-                                 at=time.monotonic())
+        now = time.monotonic()
+        outcomes[rank] = Outcome(rank, crash=crash, stopped_by=self._stopped_by(rank, now), at=now)
+
+    def _stopped_by(self, rank: int, at: float) -> str | None:
+        """The signal we sent before the rank failed at ``at``: its failure is our doing."""
+        signalled = self._signalled.get(rank)
+        return signalled[0] if signalled is not None and signalled[1] <= at else None
 
     # --- stopping ----------------------------------------------------------------------
 
@@ -313,7 +345,9 @@ class Supervisor:
                 continue  # already further along
             self._send_step(rank, first_step, now)
 
-    def _advance_escalation(self, now: float, pending: set[int], outcomes: dict[int, Outcome]) -> None:
+    def _advance_escalation(
+        self, now: float, pending: set[int], outcomes: dict[int, Outcome]
+    ) -> None:
         for rank, (step, when) in list(self._escalating.items()):
             if rank not in pending:
                 del self._escalating[rank]
@@ -325,7 +359,8 @@ class Supervisor:
                 else:
                     # SIGKILL did not end it (a process stuck in the GPU driver can do that):
                     # stop waiting so the kernel is not held hostage.
-                    log.warning("rank %d survived SIGKILL for %.0f s; giving up on it", rank, KILL_GRACE)
+                    log.warning("rank %d survived SIGKILL for %.0f s; giving up on it",
+                                rank, KILL_GRACE)
                     del self._escalating[rank]
                     pending.discard(rank)
                     proc = self._procs[rank]
@@ -343,7 +378,8 @@ class Supervisor:
             proc.signal_rank(signum)  # an interrupt is for the rank's main thread
         else:
             proc.signal_group(signum)  # the whole tree: DataLoader workers too
-        self._signalled[rank] = signum.name
+        self._signalled.setdefault(rank, (signum.name, now))
+        self._signalled[rank] = (signum.name, self._signalled[rank][1])
         self._escalating[rank] = (step + 1, now + grace)
 
     def _time_out(self, pending: set[int], timeout: float) -> RanksTimeout:
@@ -358,6 +394,10 @@ class Supervisor:
             with open(self._procs[rank].stacks_path, errors="replace") as dump:
                 stacks[rank] = _user_frames(dump.read())
         return RanksTimeout(timeout, stacks)
+
+
+def _make_sink() -> Sink:
+    return _notebook.NotebookSink() if _notebook.in_ipykernel() else TerminalSink()
 
 
 def _user_frames(dump: str) -> str:

@@ -18,6 +18,7 @@ line-buffered here so output streams live.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import ctypes
 import faulthandler
 import linecache
@@ -28,9 +29,10 @@ import sys
 import threading
 import time
 import traceback
+import types
 from multiprocessing.connection import Connection
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from . import _context, _protocol, _serialize
 from ._protocol import Call, CallKind, Close, Done, Failed, Init, Ready
@@ -40,7 +42,7 @@ def main(argv: list[str]) -> None:
     control_fd, parent_pid, stacks_path = int(argv[0]), int(argv[1]), argv[2]
     _guard_parent_death(parent_pid)
     os.set_inheritable(control_fd, False)  # programs the user starts must not hold it open
-    faulthandler.enable(file=sys.__stderr__, all_threads=True)
+    faulthandler.enable(file=2, all_threads=True)  # fd 2: the pipe to the kernel
     # SIGUSR1 dumps every thread's stack to a file the kernel reads on a timeout; the dump
     # happens in the signal handler, so it works while the main thread is stuck in C code.
     stacks_file = open(stacks_path, "w")  # noqa: SIM115 - lives as long as the process
@@ -56,7 +58,7 @@ def main(argv: list[str]) -> None:
 
     try:
         _set_up_devices(init)
-    except BaseException as error:  # noqa: BLE001 - every failure is reported, then we exit
+    except BaseException as error:
         _protocol.send(conn, _failure(None, error, "starting torch.distributed", skip=0))
         os._exit(1)
     _protocol.send(conn, Ready(os.getpid()))
@@ -94,14 +96,10 @@ def _line_buffer_c_stdio() -> None:
 
 def _flush_all() -> None:
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(Exception):
             stream.flush()
-        except Exception:
-            pass
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).fflush(None)
-    except (OSError, AttributeError):
-        pass
 
 
 def _set_up_devices(init: Init) -> None:
@@ -194,6 +192,7 @@ def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
     _in_user_code = True
     try:
         if call.kind is CallKind.RUN:
+            _fill_missing_globals(fn, namespace)
             result = fn(*args, **kwargs)
         elif call.kind is CallKind.EXEC:
             namespace.setdefault("__builtins__", builtins)
@@ -216,6 +215,20 @@ def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
         return _failure(call.call_id, error, "sending the result to the kernel", skip=0)
 
 
+def _fill_missing_globals(fn: Any, namespace: dict[str, Any]) -> None:
+    """Names a notebook function uses but the kernel lacks come from the rank's namespace.
+
+    A function sent by value carries the kernel's values of the globals it names; one that
+    names ``model`` created on the ranks (``World.exec``, ``%%ranks``) finds it here.
+    """
+    func = getattr(fn, "__func__", fn)
+    if not isinstance(func, types.FunctionType) or func.__globals__ is namespace:
+        return
+    for name in _serialize.global_names(func.__code__):
+        if name not in func.__globals__ and name in namespace:
+            func.__globals__[name] = namespace[name]
+
+
 def _pull(namespace: dict[str, Any], name: str) -> Any:
     try:
         return namespace[name]
@@ -225,17 +238,36 @@ def _pull(namespace: dict[str, Any], name: str) -> Any:
 
 
 def _failure(call_id: int | None, error: BaseException, during: str, skip: int) -> Failed:
+    if isinstance(error, SystemExit):
+        _exit_as_asked(error)
     tb: TracebackType | None = error.__traceback__
     for _ in range(skip):
         tb = tb.tb_next if tb is not None else None
     text = "".join(traceback.format_exception(type(error), error, tb))
+    payload: bytes | None
     try:
-        payload: bytes | None = _serialize.dumps(error)
+        payload = _serialize.dumps(error)
         _serialize.loads(payload)  # exceptions whose __init__ takes other args fail only here
     except BaseException:
         payload = None
     return Failed(call_id, payload, type(error).__qualname__, str(error), text, during,
                   time.monotonic())
+
+
+def _exit_as_asked(request: SystemExit) -> NoReturn:
+    """``sys.exit`` ends the rank, as it ends a torchrun worker: the kernel reports
+    RankCrashed with the exit code. Sent back as an exception instead, SystemExit would end
+    a script that called ``ranks.run`` rather than tell it a rank quit."""
+    code = request.code
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)  # what Python does with sys.exit("message")
+        status = 1
+    _flush_all()
+    os._exit(status)
 
 
 if __name__ == "__main__":  # pragma: no cover - started as `python -c` by the launcher

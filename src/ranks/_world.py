@@ -20,16 +20,17 @@ import socket
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal, Union
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from . import _notebook, _serialize
 from ._errors import RanksError, WorldBroken, add_note
-from ._placement import RankSpec, plan_ranks, visible_gpus
+from ._placement import RankSpec, gpu_memory_by_pid, plan_ranks, visible_gpus
 from ._protocol import CallKind, Done, Init
 from ._report import build_error
 from ._supervisor import Supervisor, WaitResult
 
-Output = Union[Literal["all", "rank0", "none"], Sequence[int]]
+Output = Literal["all", "rank0", "none"] | Sequence[int]
 
 # Set by ranks on every rank, as torchrun does; the user's env= may not override them.
 TORCHRUN_VARIABLES = (
@@ -38,6 +39,15 @@ TORCHRUN_VARIABLES = (
     "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
 )
 _exec_counter = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class RankStatus:
+    rank: int
+    pid: int
+    device: str
+    gpu_memory_mib: int | None  # None where no GPU memory is reported for the pid
+    state: str  # idle | dead | broken | closed
 
 
 class World:
@@ -152,6 +162,24 @@ class World:
         values = self._call(CallKind.PULL, dict.fromkeys(targets, payload), None, lambda r: True)
         return values if rank is None else values[0]
 
+    def status(self) -> list[RankStatus]:
+        """One row per rank: pid, device, GPU memory in use (MiB) and state."""
+        dead = set() if self.closed else set(self._supervisor.dead_ranks())
+        memory = gpu_memory_by_pid()
+        rows = []
+        for spec in self._specs:
+            pid = self._supervisor.pids[spec.rank]
+            if self.closed:
+                state = "closed"
+            else:
+                state = "dead" if spec.rank in dead else ("broken" if self._broken else "idle")
+            rows.append(RankStatus(spec.rank, pid, spec.describe(), memory.get(pid), state))
+        return rows
+
+    def log_path(self, rank: int) -> str:
+        """The file holding everything ``rank`` printed (also what was not shown)."""
+        return self._supervisor.log_path(rank)
+
     def close(self) -> None:
         """Stop every rank and release everything; safe to call again."""
         self._finalizer()
@@ -192,8 +220,9 @@ class World:
             assert isinstance(reply, Done), reply
             try:
                 values.append(_serialize.loads(reply.payload))
-            except BaseException as error:
-                add_note(error, f"ranks: while unpickling the result of rank {rank} in the kernel")
+            except BaseException as unpickling:
+                add_note(unpickling, f"ranks: while unpickling the result of rank {rank}"
+                         " in the kernel")
                 raise
         return values
 
@@ -279,7 +308,9 @@ def _shown_ranks(output: Output, size: int) -> Callable[[int], bool]:
     if output == "none":
         return lambda rank: False
     if isinstance(output, str):
-        raise ValueError(f"output must be 'all', 'rank0', 'none' or a list of ranks, not {output!r}")
+        raise ValueError(
+            f"output must be 'all', 'rank0', 'none' or a list of ranks, not {output!r}"
+        )
     chosen = frozenset(_check_ranks(output, size))
     return lambda rank: rank in chosen
 
