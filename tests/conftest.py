@@ -23,11 +23,24 @@ LEAK_GRACE = 5.0
 
 
 def rank_processes() -> list[psutil.Process]:
+    """Ranks (spawned, or forked from a template) and templates whose kernel is gone.
+
+    A template that belongs to a live process (this one, or a kernel) is expected to stay:
+    there is one per kernel, for the kernel's lifetime.
+    """
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
+    for proc in psutil.process_iter(["cmdline", "ppid"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
         if "ranks._worker" in cmdline:
             found.append(proc)
+        elif "ranks._template" in cmdline:
+            try:
+                parent_cmdline = " ".join(psutil.Process(proc.info["ppid"]).cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                parent_cmdline = ""
+            # A fork of a template is a rank; a template re-parented to init is an orphan.
+            if "ranks._template" in parent_cmdline or proc.info["ppid"] == 1:
+                found.append(proc)
     return found
 
 
@@ -35,12 +48,24 @@ def _unexpected_children() -> list[psutil.Process]:
     me = psutil.Process()
     kernels = {pid for pid in KERNEL_PIDS if psutil.pid_exists(pid)}
     owned = set(kernels)
+    template = _own_template_pid()
+    if template is not None:
+        owned.add(template)
     for pid in kernels:
         try:
             owned |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
         except psutil.NoSuchProcess:
             pass
     return [c for c in me.children(recursive=True) if c.pid not in owned]
+
+
+def _own_template_pid() -> int | None:
+    """This process's warm template (kept for the whole session, like a kernel's)."""
+    import sys
+
+    module = sys.modules.get("ranks._template")
+    template = getattr(module, "_template", None)
+    return None if template is None else int(template.pid)
 
 
 def _shm_segments() -> set[str]:

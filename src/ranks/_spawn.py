@@ -2,7 +2,8 @@
 
 This is the launch seam: the supervisor asks for a :class:`RankProcess` and does not care
 how the process came to be. Here it is ``subprocess`` starting ``sys.executable`` (spawn
-semantics, safe after the kernel initialised CUDA, never a fork of the kernel).
+semantics, safe after the kernel initialised CUDA, never a fork of the kernel); the warm
+template (``_template``) forks ranks that end up with the same handle.
 
 Each rank gets, and only it holds the other end of:
 
@@ -19,19 +20,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 from ._placement import RankSpec
 
-_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 # Appending (not prepending) our parent folder lets an installed `ranks` win as usual while
 # still finding this one when the kernel imported it from a source checkout.
 _BOOT = (
@@ -45,17 +47,14 @@ class RankProcess:
     """The kernel's handle on one rank process and everything it opened for it."""
 
     spec: RankSpec
-    popen: subprocess.Popen[bytes]
+    pid: int
     conn: Connection
     sentinel: int  # readable once the process has ended
     output: dict[int, str]  # read end fd -> "stdout" | "stderr"
     stacks_path: str
+    collect_status: Callable[[], int]  # after the sentinel fired: the Popen-style returncode
     returncode: int | None = None
     _closed: bool = field(default=False, repr=False)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
 
     @property
     def alive(self) -> bool:
@@ -64,19 +63,25 @@ class RankProcess:
     def reap(self) -> int:
         """Collect the exit status after the sentinel fired."""
         if self.returncode is None:
-            self.returncode = self.popen.wait()
+            self.returncode = self.collect_status()
         return self.returncode
+
+    def ended(self) -> bool:
+        """Has the process ended (without blocking)? Reaps it if so."""
+        if self.returncode is None and _readable(self.sentinel):
+            self.reap()
+        return self.returncode is not None
 
     def signal_group(self, signum: int) -> None:
         """Signal the rank's whole process group (its children too); gone is fine."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signum)
+            os.killpg(self.pid, signum)
 
     def signal_rank(self, signum: int) -> None:
         """Signal the rank process alone (an interrupt is for its main thread)."""
         if self.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                self.popen.send_signal(signum)
+                os.kill(self.pid, signum)
 
     def release(self) -> None:
         """Close every fd this handle owns. The process must have been reaped or killed."""
@@ -85,7 +90,7 @@ class RankProcess:
         self._closed = True
         self.conn.close()
         for fd in [self.sentinel, *self.output]:
-            _close_quietly(fd)
+            close_quietly(fd)
 
 
 def spawn_rank(
@@ -98,7 +103,7 @@ def spawn_rank(
         opened += [out_read, out_write]
         err_read, err_write = os.pipe()
         opened += [err_read, err_write]
-        boot = _BOOT.format(parent=_PACKAGE_PARENT)
+        boot = _BOOT.format(parent=PACKAGE_PARENT)
         argv = [sys.executable, "-c", boot, str(child_sock.fileno()), str(os.getpid()), stacks_path]
         popen = subprocess.Popen(
             argv,
@@ -113,12 +118,12 @@ def spawn_rank(
     except BaseException:
         parent_sock.close()
         for fd in opened:
-            _close_quietly(fd)
+            close_quietly(fd)
         raise
     finally:
         child_sock.close()
-    _close_quietly(out_write)
-    _close_quietly(err_write)
+    close_quietly(out_write)
+    close_quietly(err_write)
     for fd in (out_read, err_read):
         os.set_blocking(fd, False)
     try:
@@ -127,16 +132,17 @@ def spawn_rank(
         os.killpg(popen.pid, signal.SIGKILL)
         popen.wait()
         parent_sock.close()
-        _close_quietly(out_read)
-        _close_quietly(err_read)
+        close_quietly(out_read)
+        close_quietly(err_read)
         raise
     return RankProcess(
         spec=spec,
-        popen=popen,
+        pid=popen.pid,
         conn=Connection(parent_sock.detach()),
         sentinel=sentinel,
         output={out_read: "stdout", err_read: "stderr"},
         stacks_path=stacks_path,
+        collect_status=popen.wait,
     )
 
 
@@ -157,6 +163,11 @@ def _process_sentinel(popen: subprocess.Popen[bytes]) -> int:
     return read_end
 
 
-def _close_quietly(fd: int) -> None:
+def _readable(fd: int) -> bool:
+    ready, _, _ = select.select([fd], [], [], 0)
+    return bool(ready)
+
+
+def close_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)

@@ -38,7 +38,8 @@ from ._errors import RankCrashed, RanksTimeout
 from ._output import OutputRouter, Sink, TerminalSink, new_log_dir
 from ._placement import RankSpec
 from ._protocol import Call, CallKind, Close, Done, Failed, Init, Ready
-from ._spawn import RankProcess, spawn_rank
+from ._spawn import RankProcess
+from ._template import launch_rank
 
 log = logging.getLogger("ranks")
 
@@ -102,7 +103,7 @@ class Supervisor:
         started = time.monotonic()
         for spec in self.specs:
             stacks = os.path.join(self._tmpdir, f"stacks-{spec.rank}.txt")
-            proc = spawn_rank(spec, self._envs[spec.rank], self._cwd, stacks)
+            proc = launch_rank(spec, self._envs[spec.rank], self._cwd, stacks)
             self._procs[spec.rank] = proc
             _protocol.send(proc.conn, init_for(spec))
         self.router.begin_call(self._shown)
@@ -155,10 +156,7 @@ class Supervisor:
 
     def dead_ranks(self) -> list[int]:
         """Ranks whose process has ended, also those that died since the last call."""
-        for proc in self._procs.values():
-            if proc.alive and proc.popen.poll() is not None:
-                proc.reap()
-        return [rank for rank, proc in self._procs.items() if not proc.alive]
+        return [rank for rank, proc in self._procs.items() if proc.ended()]
 
     # --- calls -------------------------------------------------------------------------
 
@@ -400,6 +398,9 @@ def _make_sink() -> Sink:
     return _notebook.NotebookSink() if _notebook.in_ipykernel() else TerminalSink()
 
 
+_OUR_FILES = ("ranks/_worker.py", "ranks/_template.py", 'File "<string>"')
+
+
 def _user_frames(dump: str) -> str:
     """A faulthandler dump without ranks' own machinery: the control thread, our frames."""
     threads = [block for block in dump.strip().split("\n\n") if block]
@@ -409,7 +410,7 @@ def _user_frames(dump: str) -> str:
             continue  # the rank's control-channel reader, never the user's
         lines = [
             line for line in block.splitlines()
-            if "ranks/_worker.py" not in line and 'File "<string>"' not in line
+            if not any(ours in line for ours in _OUR_FILES)
         ]
         kept.append("\n".join(lines))
     return "\n\n".join(kept)

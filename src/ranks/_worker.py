@@ -61,6 +61,10 @@ def main(argv: list[str]) -> None:
     except BaseException as error:
         _protocol.send(conn, _failure(None, error, "starting torch.distributed", skip=0))
         os._exit(1)
+    # Before Ready: from then on the kernel may send SIGINT at any moment (a peer failed,
+    # the kernel was interrupted), and Python's default handler would kill a rank that is
+    # not yet in _serve with a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, _on_interrupt)
     _protocol.send(conn, Ready(os.getpid()))
 
     commands: queue.Queue[_protocol.Message] = queue.Queue()
@@ -153,7 +157,6 @@ def _read_commands(conn: Connection, commands: queue.Queue[_protocol.Message]) -
 
 def _serve(conn: Connection, commands: queue.Queue[_protocol.Message]) -> None:
     namespace = sys.modules["__main__"].__dict__
-    signal.signal(signal.SIGINT, _on_interrupt)
     while True:
         message = commands.get()
         if isinstance(message, Close):

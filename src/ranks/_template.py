@@ -1,0 +1,456 @@
+"""The warm template: a clean process that has imported torch once and forks ranks from it.
+
+Spawning an interpreter that imports torch costs seconds on every launch; forking the
+kernel is fast but breaks once the kernel touched CUDA. The template is both: it is itself
+*spawned* (never a fork of the kernel), imports the heavy modules the notebook uses, proves
+that CUDA is not initialised in it (and in a forked probe), and then forks each rank on
+request. A rank forked from it starts with torch imported and no CUDA state.
+
+    kernel (Template)                              template process (serve)
+      | spawn: python -c ...; pdeathsig, own session |
+      | <-------------------- ("ready", report) --- |  after preloading and the CUDA check
+      | -- ("fork", env, cwd) + fds [ctrl, out, err] -> fork(): the child becomes a rank
+      | <------------- ("forked", pid) + fd [exit] -- |  exit pipe: the child's wait status
+      | -- ("preload", module names) --------------> |  the notebook's newer imports
+      | -- close (EOF) ----------------------------> |  exits once its ranks are gone
+
+One template per kernel, started on first use (never at import), closed at interpreter
+exit. It dies with the kernel (parent-death signal, and EOF on its socket). Linux only: on
+other systems, and with ``RANKS_START_METHOD=spawn``, ranks start by spawn instead.
+A preload that would initialise CUDA or start a thread is dropped, logged, and the
+template restarted without it: fork is only safe from a single-threaded, CUDA-free process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import importlib
+import io
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Iterable, Mapping
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ._placement import RankSpec
+from ._spawn import PACKAGE_PARENT, RankProcess, close_quietly, spawn_rank
+
+log = logging.getLogger("ranks")
+
+START_METHOD_VARIABLE = "RANKS_START_METHOD"
+READY_TIMEOUT = 180.0  # importing torch on a cold disk can take a while
+ALWAYS_PRELOAD = ("numpy", "torch", "torch.distributed", "torch.nn", "torch.nn.parallel")
+# Modules that only make sense in the kernel, or that start threads when imported.
+NEVER_PRELOAD = frozenset({
+    "IPython", "ipykernel", "ipywidgets", "ipyparallel", "jupyter_client", "jupyter_core",
+    "zmq", "tornado", "traitlets", "comm", "debugpy", "matplotlib_inline", "prompt_toolkit",
+    "jedi", "parso", "pexpect", "ptyprocess", "pickleshare", "nest_asyncio", "anyio",
+    "ranks", "psutil", "pytest", "_pytest", "pluggy", "wandb", "tensorboard", "ray",
+})
+_MAX_MESSAGE = 1 << 22
+_BOOT = (
+    "import sys; sys.path.append({parent!r}); "
+    "from ranks._template import serve; serve(sys.argv[1:])"
+)
+
+
+def start_method() -> str:
+    """``"template"`` (fork from the warm template) or ``"spawn"``."""
+    chosen = os.environ.get(START_METHOD_VARIABLE, "").strip().lower()
+    if chosen in ("spawn", "template"):
+        return "spawn" if chosen == "spawn" or not _can_fork() else "template"
+    if chosen:
+        log.warning("%s=%r is not 'spawn' or 'template'; using the default",
+                    START_METHOD_VARIABLE, chosen)
+    return "template" if _can_fork() else "spawn"
+
+
+def _can_fork() -> bool:
+    return sys.platform.startswith("linux") and hasattr(socket, "send_fds")
+
+
+# --- kernel side -------------------------------------------------------------------------
+
+
+class Template:
+    """The kernel's handle on its template process. Thread-unsafe, like the World."""
+
+    def __init__(self, denied: Iterable[str] = ()) -> None:
+        self.denied = set(denied)
+        self.report: dict[str, Any] = {}
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            boot = _BOOT.format(parent=PACKAGE_PARENT)
+            self._popen = subprocess.Popen(
+                [sys.executable, "-c", boot, str(theirs.fileno()), str(os.getpid())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),), start_new_session=True,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._sock = ours
+        self._ready = False
+        self._sent_modules: set[str] = set()
+        self._send(("config", list(sys.path), os.getcwd(), sorted(self.denied)))
+        self.preload(_kernel_modules(self.denied))
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def wait_ready(self) -> None:
+        """Block until the template has preloaded and checked itself; raise if it failed."""
+        if self._ready:
+            return
+        ready, _, _ = select.select([self._sock], [], [], READY_TIMEOUT)
+        if not ready:
+            raise RuntimeError(f"the ranks template did not start in {READY_TIMEOUT:g} s")
+        reply, _ = self._recv()
+        if reply[0] != "ready":
+            raise RuntimeError(f"the ranks template failed to start: {reply[1]}")
+        self.report = reply[1]
+        for module, why in self.report.get("skipped", {}).items():
+            log.info("ranks template: not preloading %s (%s)", module, why)
+        self._ready = True
+
+    def preload(self, modules: Iterable[str]) -> None:
+        """Ask the template to import these too, for the ranks forked after this."""
+        new = sorted(set(modules) - self._sent_modules)
+        if new:
+            self._sent_modules.update(new)
+            self._send(("preload", new))
+
+    def fork_rank(
+        self, spec: RankSpec, env: Mapping[str, str], cwd: str, stacks_path: str
+    ) -> RankProcess:
+        self.wait_ready()
+        parent_sock, child_sock = socket.socketpair()
+        out_read, out_write = os.pipe()
+        err_read, err_write = os.pipe()
+        try:
+            request = pickle.dumps(("fork", dict(env), cwd, stacks_path))
+            socket.send_fds(self._sock, [request], [child_sock.fileno(), out_write, err_write])
+            reply, fds = self._recv()
+        except BaseException:
+            parent_sock.close()
+            for fd in (out_read, err_read):
+                close_quietly(fd)
+            raise
+        finally:
+            child_sock.close()
+            close_quietly(out_write)
+            close_quietly(err_write)
+        if reply[0] == "poisoned":
+            raise TemplateUnsafe(reply[1], reply[2])
+        if reply[0] != "forked" or len(fds) != 1:
+            raise RuntimeError(f"the ranks template could not fork a rank: {reply}")
+        exit_read = fds[0]
+        for fd in (out_read, err_read):
+            os.set_blocking(fd, False)
+        return RankProcess(
+            spec=spec, pid=reply[1], conn=Connection(parent_sock.detach()),
+            sentinel=exit_read, output={out_read: "stdout", err_read: "stderr"},
+            stacks_path=stacks_path, collect_status=lambda: _read_status(exit_read),
+        )
+
+    def close(self) -> None:
+        """Let the template go: it exits once the ranks it forked have exited."""
+        with contextlib.suppress(OSError):
+            self._sock.close()
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        self._sock.send(pickle.dumps(message))
+
+    def _recv(self) -> tuple[tuple[Any, ...], list[int]]:
+        data, fds, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, 4)
+        if not data:
+            raise RuntimeError("the ranks template exited")
+        return pickle.loads(data), fds
+
+
+def _read_status(exit_read: int) -> int:
+    """The rank's exit code from the template's report (as Popen.returncode would be)."""
+    data = b""
+    with contextlib.suppress(OSError):
+        data = os.read(exit_read, 4)
+    if len(data) < 4:
+        # The template died before it could report: its ranks got the parent-death signal.
+        return -signal.SIGKILL
+    return int(os.waitstatus_to_exitcode(struct.unpack("i", data)[0]))
+
+
+def _kernel_modules(denied: set[str]) -> list[str]:
+    """The kernel's imported third-party modules, worth importing in the template too."""
+    stdlib: frozenset[str] = getattr(sys, "stdlib_module_names", frozenset())
+    names = []
+    for name, module in list(sys.modules.items()):
+        top = name.partition(".")[0]
+        if (top in stdlib or top in NEVER_PRELOAD or top in denied or top.startswith("_")
+                or module is None or getattr(module, "__file__", None) is None):
+            continue
+        names.append(name)
+    return [*ALWAYS_PRELOAD, *sorted(names)]
+
+
+_template: Template | None = None
+_denied: set[str] = set()  # top-level modules found unsafe to preload in this kernel
+_MAX_STARTS = 4
+
+
+class TemplateUnsafe(RuntimeError):
+    """A preload made the template unsafe to fork from; ``module`` names the culprit."""
+
+    def __init__(self, module: str, why: str) -> None:
+        super().__init__(f"preloading {module} made the template unsafe: {why}")
+        self.module = module
+
+
+def get_template() -> Template:
+    """The kernel's template, started now if there is none, the last died or went unsafe."""
+    global _template
+    if _template is not None and _template.alive:
+        _template.preload(_kernel_modules(_template.denied))
+        return _template
+    if _template is None:
+        atexit.register(close_template)  # with the first template, not at import
+    close_template()
+    for _ in range(_MAX_STARTS):
+        _template = Template(_denied)
+        try:
+            _template.wait_ready()
+            poisoned = _template.report.get("poisoned")
+            if poisoned is None:
+                return _template
+            raise TemplateUnsafe(poisoned, _template.report.get("why", "?"))
+        except TemplateUnsafe as unsafe:
+            forget_unsafe(unsafe)
+        except BaseException:
+            close_template()
+            raise
+    raise RuntimeError(f"no safe template after {_MAX_STARTS} starts (left out: {_denied})")
+
+
+def forget_unsafe(unsafe: TemplateUnsafe) -> None:
+    """Leave the culprit out from now on and let the unsafe template go."""
+    log.warning("ranks template: %s; starting a new one without it", unsafe)
+    if unsafe.module == "(template)":
+        close_template()
+        raise RuntimeError(str(unsafe)) from None
+    _denied.add(unsafe.module.partition(".")[0])
+    close_template()
+
+
+_unavailable: str | None = None  # why the template failed for good in this kernel
+
+
+def launch_rank(
+    spec: RankSpec, env: Mapping[str, str], cwd: str, stacks_path: str
+) -> RankProcess:
+    """Start one rank the fastest safe way: forked from the template, else spawned."""
+    global _unavailable
+    if start_method() == "template" and _unavailable is None:
+        try:
+            for _ in range(_MAX_STARTS):
+                try:
+                    return get_template().fork_rank(spec, env, cwd, stacks_path)
+                except TemplateUnsafe as unsafe:
+                    forget_unsafe(unsafe)
+        except (RuntimeError, OSError) as error:
+            _unavailable = str(error)
+            log.warning("ranks: the warm template is unavailable (%s); ranks start by spawn"
+                        " in this kernel from now on", error)
+    return spawn_rank(spec, env, cwd, stacks_path)
+
+
+def close_template() -> None:
+    """Let the template go (it exits once its ranks have); safe to call again."""
+    global _template
+    if _template is not None:
+        _template.close()
+        if not _template.alive:
+            _template._popen.wait()
+        _template = None
+
+
+# --- template side -----------------------------------------------------------------------
+
+
+def serve(argv: list[str]) -> None:
+    sock = socket.socket(fileno=int(argv[0]))
+    kernel_pid = int(argv[1])
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != kernel_pid:
+        os._exit(1)
+    children: dict[int, int] = {}  # pid -> write end of its exit pipe
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # only to wake select
+    ready_sent = False
+    closing = False
+    poisoned: tuple[str, str] | None = None  # (module, why) once forking became unsafe
+    while not (closing and not children):
+        readable, _, _ = select.select([wake_read] + ([] if closing else [sock]), [], [])
+        if wake_read in readable:
+            os.read(wake_read, 4096)
+            _reap(children)
+        if sock in readable:
+            try:
+                data, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 4)
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                closing = True  # the kernel let go: leave once our ranks are gone
+                continue
+            message = pickle.loads(data)
+            if message[0] == "config":
+                _, sys_path, cwd, _denied_modules = message
+                sys.path[:] = sys_path
+                with contextlib.suppress(OSError):
+                    os.chdir(cwd)
+            elif message[0] == "preload" and poisoned is None:
+                report = _preload(message[1])
+                if report.get("poisoned"):
+                    poisoned = (report["poisoned"], report["why"])
+                if not ready_sent:
+                    sock.send(pickle.dumps(("ready", report)))
+                    ready_sent = True
+            elif message[0] == "fork" and poisoned is not None:
+                # Never fork from an unsafe process; keep serving our ranks until they end.
+                for fd in fds:
+                    os.close(fd)
+                sock.send(pickle.dumps(("poisoned", *poisoned)))
+            elif message[0] == "fork":
+                pid, exit_read = _fork_rank(message, fds, sock, children, (wake_read, wake_write))
+                socket.send_fds(sock, [pickle.dumps(("forked", pid))], [exit_read])
+                os.close(exit_read)
+
+
+def _preload(modules: list[str]) -> dict[str, Any]:
+    """Import what the notebook uses; stop at the first module that makes fork unsafe."""
+    report: dict[str, Any] = {"skipped": {}}
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except BaseException as error:  # a module that fails to import is just skipped
+            report["skipped"][name] = f"{type(error).__name__}: {error}"
+            continue
+        unsafe = _fork_hazard()
+        if unsafe:
+            report.update(poisoned=name, why=unsafe)
+            return report
+    hazard = _fork_hazard() or _probe_fork()
+    if hazard:
+        report.update(poisoned="(template)", why=hazard)
+    return report
+
+
+def _fork_hazard() -> str | None:
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return "CUDA was initialised"
+    if threading.active_count() > 1:
+        return f"{threading.active_count() - 1} Python thread(s) were started"
+    return None
+
+
+def _probe_fork() -> str | None:
+    """Fork once and check, in the child, that CUDA is not initialised there either."""
+    pid = os.fork()
+    if pid == 0:
+        torch = sys.modules.get("torch")
+        bad = torch is not None and (torch.cuda.is_initialized() or torch.cuda._is_in_bad_fork())
+        os._exit(3 if bad else 0)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    return None if code == 0 else f"a forked probe saw CUDA state (exit code {code})"
+
+
+def _reap(children: dict[int, int]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        exit_write = children.pop(pid, None)
+        if exit_write is not None:
+            with contextlib.suppress(OSError):
+                os.write(exit_write, struct.pack("i", status))
+            os.close(exit_write)
+
+
+def _fork_rank(
+    message: tuple[Any, ...], fds: list[int], sock: socket.socket,
+    children: dict[int, int], wake: tuple[int, int],
+) -> tuple[int, int]:
+    _, env, cwd, stacks_path = message
+    control_fd, out_write, err_write = fds
+    exit_read, exit_write = os.pipe()
+    template_pid = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for fd in [exit_read, exit_write, *wake, *children.values()]:
+                close_quietly(fd)
+            sock.close()
+            _become_rank(env, cwd, out_write, err_write)
+            from ._worker import main
+
+            main([str(control_fd), str(template_pid), stacks_path])
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(1)
+    for fd in fds:
+        os.close(fd)
+    children[pid] = exit_write
+    return pid, exit_read
+
+
+def _become_rank(env: Mapping[str, str], cwd: str, out_write: int, err_write: int) -> None:
+    """Turn the forked child into what a freshly spawned rank would look like."""
+    os.dup2(out_write, 1)
+    os.dup2(err_write, 2)
+    os.close(out_write)
+    os.close(err_write)
+    # As `python -u` would make them: the rank's output must stream live.
+    sys.stdout = sys.__stdout__ = io.TextIOWrapper(  # type: ignore[misc]
+        io.FileIO(1, "w", closefd=False), write_through=True, line_buffering=True)
+    sys.stderr = sys.__stderr__ = io.TextIOWrapper(  # type: ignore[misc]
+        io.FileIO(2, "w", closefd=False), write_through=True, line_buffering=True,
+        errors="backslashreplace")
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    torch = sys.modules.get("torch")
+    if torch is not None and env.get("OMP_NUM_THREADS", "").isdigit():
+        # torch read OMP_NUM_THREADS when the template imported it, under another value.
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()  # forked ranks would otherwise share the template's state
