@@ -36,6 +36,7 @@ class Init:
     torch_dist: bool
     sys_path: tuple[str, ...]
     cwd: str
+    store_path: str  # a FileStore for torch_dist=True: the rendezvous opens no TCP port
 
 
 @dataclass(frozen=True)

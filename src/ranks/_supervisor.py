@@ -147,6 +147,11 @@ class Supervisor:
             proc.signal_group(signal.SIGKILL)
         self.close()
 
+    @property
+    def rendezvous_path(self) -> str:
+        """Where ranks meet for torch_dist=True: a file only this user can reach."""
+        return os.path.join(self._tmpdir, "rendezvous")
+
     def log_path(self, rank: int) -> str:
         return self.router.log_path(rank)
 

@@ -124,13 +124,17 @@ def _set_up_devices(init: Init) -> None:
     if init.torch_dist:
         import torch.distributed as dist
 
+        # A FileStore in the World's private folder: torch's TCPStore would listen on every
+        # interface, where anyone on the network could join the rendezvous.
+        store = dist.FileStore(init.store_path, init.world_size)  # type: ignore[attr-defined]
         if init.gpu is not None:
             dist.init_process_group(
-                "nccl", rank=init.rank, world_size=init.world_size,
+                "nccl", store=store, rank=init.rank, world_size=init.world_size,
                 device_id=torch.device("cuda", init.rank),
             )
         else:
-            dist.init_process_group("gloo", rank=init.rank, world_size=init.world_size)
+            dist.init_process_group("gloo", store=store, rank=init.rank,
+                                    world_size=init.world_size)
 
 
 def _tear_down() -> None:

@@ -17,6 +17,7 @@ import itertools
 import linecache
 import os
 import socket
+import sys
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -96,7 +97,8 @@ class World:
         self._finalizer = weakref.finalize(self, self._supervisor.close)
         try:
             started = self._supervisor.start(
-                lambda spec: Init(spec.rank, spec.world_size, spec.gpu, torch_dist, sys_path, cwd),
+                lambda spec: Init(spec.rank, spec.world_size, spec.gpu, torch_dist, sys_path, cwd,
+                                  self._supervisor.rendezvous_path),
                 timeout,
             )
         except BaseException:
@@ -343,6 +345,10 @@ def _rank_environments(
     }
     if size > 1:
         base.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: ranks share the cores
+    if sys.platform.startswith("linux"):
+        # One host: Gloo's and NCCL's own sockets stay on loopback unless the user says.
+        base.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        base.setdefault("NCCL_SOCKET_IFNAME", "lo")
     envs = {}
     for spec in specs:
         env = {**base, **shared}
