@@ -20,6 +20,18 @@ import pytest
 from kernel import KERNEL_PIDS, Kernel
 
 LEAK_GRACE = 5.0
+# Marks every process this session starts (kernels, templates and ranks inherit it), so the
+# leak check neither blames nor kills the ranks of another test session on the same machine.
+SESSION_VARIABLE = "RANKS_TEST_SESSION"
+SESSION = str(os.getpid())
+os.environ[SESSION_VARIABLE] = SESSION
+
+
+def _ours(proc: psutil.Process) -> bool:
+    try:
+        return proc.environ().get(SESSION_VARIABLE) == SESSION
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False  # gone, or a zombie: it holds nothing
 
 
 def rank_processes() -> list[psutil.Process]:
@@ -31,6 +43,8 @@ def rank_processes() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline", "ppid"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
+        if "ranks." not in cmdline or not _ours(proc):
+            continue
         if "ranks._worker" in cmdline:
             found.append(proc)
         elif "ranks._template" in cmdline:
@@ -124,9 +138,14 @@ def fresh_kernel(tmp_path: Path) -> Iterator[Kernel]:
     k = Kernel(str(tmp_path))
     k.workdir = tmp_path  # type: ignore[attr-defined]
     yield k
-    if psutil.pid_exists(k.pid):
+    # Read before shutting down: the provisioner forgets its process then (and has already
+    # forgotten it when the test shut the kernel down itself).
+    process = getattr(k.manager.provisioner, "process", None)
+    if process is None:
+        return
+    if psutil.pid_exists(process.pid):
         try:
             k.shutdown()
         except Exception:
-            os.kill(k.pid, 9)
-    KERNEL_PIDS.discard(k.pid)
+            os.kill(process.pid, 9)
+    KERNEL_PIDS.discard(process.pid)

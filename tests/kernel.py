@@ -2,7 +2,8 @@
 
 ``Kernel.execute`` runs one cell and returns everything the cell showed: the stdout and
 stderr stream text, the error (name, value, traceback) and the displayed result, plus the
-raw IOPub messages for tests that look at message order or parent headers.
+raw IOPub messages for tests that look at message order or parent headers (each with
+``msg["arrived"]``, the ``time.time()`` at which this process received it).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class Kernel:
                 continue
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
+            msg["arrived"] = time.time()  # in this process: for tests of output latency
             cell.messages.append(msg)
             kind, content = msg["msg_type"], msg["content"]
             if kind == "stream":

@@ -74,6 +74,9 @@ class NotebookSink:
         target = sys.stdout if stream == "stdout" else sys.stderr
         target.write(f"[rank {rank}] {text}\n")
 
+    def note(self, rank: int, text: str) -> None:
+        sys.stderr.write(f"[rank {rank}] {text}\n")  # a stream line: the bar stays a bar
+
     def progress(self, rank: int, stream: str, text: str) -> None:
         bar = self._bars.get((rank, stream))
         if bar is None:
@@ -87,6 +90,13 @@ class NotebookSink:
             bar.show_if_due(self.PROGRESS_INTERVAL)
         for target in (sys.stdout, sys.stderr):
             target.flush()
+
+    def due(self) -> float | None:
+        # A redraw held back by the interval must not wait for the rank's next write: after
+        # a quick pair of redraws a rank may go quiet for a whole training step.
+        held = [bar.when + self.PROGRESS_INTERVAL for bar in self._bars.values()
+                if bar.pending != bar.shown]
+        return min(held, default=None)
 
 
 class _Bar:

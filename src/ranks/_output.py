@@ -12,10 +12,15 @@ ipykernel files it under the calling cell):
   rank and stream (a display in a notebook, a throttled snapshot in a terminal), and the
   finished line replaces it.
 * A flood is cut by a per-rank token bucket: what is not shown is counted, summarised in
-  the cell with the path of the rank's full log, and kept in that log.
+  the cell with the path of the rank's full log, and kept in that log. A line longer than
+  MAX_LINE_CHARS is shown cut, with that path; only its head is held in memory, so one
+  endless line costs neither quadratic copying nor a browser tab.
 * The last lines of each rank are kept for the error message when it dies.
 
-Output that arrives between two calls of a World belongs to no cell: it is logged only.
+Output that arrives between two calls of a World belongs to no cell: it is logged only,
+and a line it left unfinished is closed in the log, not completed into the next call's cell.
+Output belongs to a call by when it was written, not by which thread wrote it: fds 1 and 2
+are per process, so a background thread printing while a later call runs shows there.
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ KEEP_LOG_DIRS = 20  # the logs of this many recent Worlds of a kernel stay on di
 # well under what a browser (and Jupyter's IOPub rate limit) can take.
 BURST_LINES = 1000
 RATE_LINES = 200.0
+# A line is shown cut after this many characters; each started CHARS_PER_LINE of it counts
+# as one line for the rate, so long lines cannot carry a flood past the limit in bytes.
+MAX_LINE_CHARS = 10_000
+CHARS_PER_LINE = 1_000
 PROGRESS_INTERVAL = 0.1  # notebook displays redraw at most this often
 DROP_REPORT_INTERVAL = 2.0
 
@@ -50,7 +59,16 @@ class Sink(Protocol):
 
     def progress(self, rank: int, stream: str, text: str) -> None: ...
 
+    def note(self, rank: int, text: str) -> None:
+        """A line of ranks' own about the rank (a flood summary), on stderr; never in the
+        place of the rank's progress display."""
+        ...
+
     def flush(self) -> None: ...
+
+    def due(self) -> float | None:
+        """When flush() will have a held-back redraw to show (time.monotonic()), if ever."""
+        ...
 
 
 class TerminalSink:
@@ -74,10 +92,16 @@ class TerminalSink:
             self._last_snapshot[(rank, stream)] = now
             _target(stream).write(f"[rank {rank}] {text}\n")
 
+    def note(self, rank: int, text: str) -> None:
+        sys.stderr.write(f"[rank {rank}] {text}\n")
+
     def flush(self) -> None:
         for stream in ("stdout", "stderr"):
             with contextlib.suppress(OSError, ValueError):
                 _target(stream).flush()
+
+    def due(self) -> float | None:
+        return None  # snapshots are rare on purpose; the finished line always comes
 
 
 def _target(stream: str) -> IO[str]:
@@ -87,29 +111,42 @@ def _target(stream: str) -> IO[str]:
 class _Assembler:
     """Bytes of one stream of one rank into finished lines and the line being redrawn."""
 
-    def __init__(self) -> None:
+    def __init__(self, log_path: str) -> None:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.partial = ""
         self.redrawn = False  # the partial line was redrawn with "\r" since its last newline
+        self.cut = 0  # characters of the partial line not kept: it ran past MAX_LINE_CHARS
+        self.log_path = log_path
 
     def feed(self, data: bytes) -> tuple[list[str], str | None]:
         text = self.partial + self.decoder.decode(data)
         *lines, self.partial = text.split("\n")
-        finished = [_visible(line) for line in lines]
+        finished = [self._shorten(_visible(line)) for line in lines]
         if lines:
             self.redrawn = False
-        progress = None
         if "\r" in self.partial:
             self.redrawn = True
-            progress = _visible(self.partial)
-            self.partial = "\r" + progress  # keep only what a terminal shows now
+            self.cut = 0  # what was cut belonged to states redrawn since
+            self.partial = "\r" + _visible(self.partial)  # keep only what a terminal shows now
+        if len(self.partial) > MAX_LINE_CHARS:
+            self.cut += len(self.partial) - MAX_LINE_CHARS
+            self.partial = self.partial[:MAX_LINE_CHARS]
+        progress = self.partial[1:] if self.partial.startswith("\r") else None
         return finished, progress
 
     def rest(self) -> str:
-        text = _visible(self.partial + self.decoder.decode(b"", final=True))
+        text = self._shorten(_visible(self.partial + self.decoder.decode(b"", final=True)))
         self.partial = ""
         self.redrawn = False
         return text
+
+    def _shorten(self, line: str) -> str:
+        """The line itself, or its head and a pointer to the log (the first cut is taken)."""
+        cut = self.cut + max(0, len(line) - MAX_LINE_CHARS)
+        self.cut = 0
+        if not cut:
+            return line
+        return f"{line[:MAX_LINE_CHARS]} ... [{cut} more characters; full log: {self.log_path}]"
 
 
 def _visible(line: str) -> str:
@@ -125,12 +162,12 @@ class _Bucket:
         self.dropped = 0
         self.reported = self.stamp
 
-    def take(self) -> bool:
+    def take(self, cost: int) -> bool:
         now = time.monotonic()
         self.tokens = min(BURST_LINES, self.tokens + (now - self.stamp) * RATE_LINES)
         self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
+        if self.tokens >= cost:
+            self.tokens -= cost
             return True
         self.dropped += 1
         return False
@@ -153,6 +190,9 @@ class OutputRouter:
         return os.path.join(self._log_dir, f"rank-{rank}.log")
 
     def begin_call(self, shown: Callable[[int], bool]) -> None:
+        # Lines left unfinished between calls go to the log: this call's cell is not theirs.
+        for rank in {rank for rank, _ in self._assemblers}:
+            self.finish(rank)
         self._sink = self._sink_factory()
         self._shown = shown
         self._buckets.clear()
@@ -168,10 +208,14 @@ class OutputRouter:
 
     def feed(self, rank: int, stream: str, data: bytes) -> None:
         self._log(rank).write(data)
-        assembler = self._assemblers.setdefault((rank, stream), _Assembler())
+        assembler = self._assemblers.get((rank, stream))
+        if assembler is None:
+            assembler = self._assemblers[(rank, stream)] = _Assembler(self.log_path(rank))
+        finishes_redraw = assembler.redrawn  # the first line to end is the redrawn one
         lines, progress = assembler.feed(data)
         for line in lines:
-            self._line(rank, stream, line)
+            self._line(rank, stream, line, finishes_redraw)
+            finishes_redraw = False
         if progress is not None and self._sink is not None and self._shown(rank):
             self._sink.progress(rank, stream, progress)
 
@@ -179,10 +223,15 @@ class OutputRouter:
         """The rank is done for now (call over) or gone: show its unfinished lines."""
         for (owner, stream), assembler in self._assemblers.items():
             if owner == rank and (assembler.partial or assembler.redrawn):
-                self._line(rank, stream, assembler.rest())
+                redrawn = assembler.redrawn
+                self._line(rank, stream, assembler.rest(), redrawn)
         log = self._logs.get(rank)
         if log is not None:
             log.flush()
+
+    def due(self) -> float | None:
+        """When the supervisor must call flush() even if no rank writes anything new."""
+        return None if self._sink is None else self._sink.due()
 
     def tail(self, rank: int) -> list[str]:
         return list(self._tails.get(rank, ()))
@@ -198,12 +247,14 @@ class OutputRouter:
             log.close()
         self._logs.clear()
 
-    def _line(self, rank: int, stream: str, text: str) -> None:
+    def _line(self, rank: int, stream: str, text: str, finishes_redraw: bool = False) -> None:
         self._tails.setdefault(rank, deque(maxlen=TAIL_LINES)).append(text)
         if self._sink is None or not self._shown(rank):
             return
         bucket = self._buckets.setdefault(rank, _Bucket())
-        if bucket.take():
+        # The final state of a redrawn line (a finished bar) replaces its display and adds
+        # no line: a flood beside the bar must not leave it stuck short of 100%.
+        if finishes_redraw or bucket.take(1 + len(text) // CHARS_PER_LINE):
             self._sink.line(rank, stream, text)
 
     def _report_drops(self, rank: int, final: bool) -> None:
@@ -212,7 +263,7 @@ class OutputRouter:
         if not bucket.dropped or (not final and now - bucket.reported < DROP_REPORT_INTERVAL):
             return
         assert self._sink is not None
-        self._sink.line(rank, "stderr", f"... {bucket.dropped} lines not shown (more than"
+        self._sink.note(rank, f"... {bucket.dropped} lines not shown (more than"
                         f" {RATE_LINES:g} a second); full log: {self.log_path(rank)}")
         bucket.dropped = 0
         bucket.reported = now
@@ -239,8 +290,10 @@ def new_log_dir() -> str:
         atexit.register(_remove_log_dirs)
     root = os.path.join(tempfile.gettempdir(), f"ranks-logs-{os.getuid()}")
     os.makedirs(root, mode=0o700, exist_ok=True)
-    path = os.path.join(root, f"kernel-{os.getpid()}-world-{next(_log_numbers)}")
-    os.makedirs(path, mode=0o700)
+    # mkdtemp, not a fixed name: pids are reused (in containers and PID namespaces most of
+    # all), and a kernel that was killed never removed its folders.
+    path = tempfile.mkdtemp(prefix=f"kernel-{os.getpid()}-world-{next(_log_numbers)}-",
+                            dir=root)
     _log_dirs.append(path)
     while len(_log_dirs) > KEEP_LOG_DIRS:
         shutil.rmtree(_log_dirs.popleft(), ignore_errors=True)

@@ -50,6 +50,13 @@ TERMINATE_GRACE = 1.0
 KILL_GRACE = 5.0
 CLOSE_GRACE = 10.0  # a clean Close destroys process groups and flushes; give it time
 STACK_DUMP_WAIT = 0.3
+# A death is seen late: a dying rank's sockets close at once, so a peer blocked in a
+# collective with it raises (Gloo: "Connection closed by peer") and reports, often before
+# the kernel has even read the EOF on the dead rank's channel (2-10 ms here). A death
+# therefore counts as up to this much earlier than seen, so that it, not its echo, is the
+# cause. (A rank that reacts to our SIGINT by exiting faster than this is mistaken for a
+# cause too; one killed by the very signal we sent never is.)
+DEATH_SEEN_LATE = 0.1
 _ESCALATION = (
     (signal.SIGINT, INTERRUPT_GRACE),
     (signal.SIGTERM, TERMINATE_GRACE),
@@ -66,7 +73,7 @@ class Outcome:
     reply: Done | Failed | Ready | None = None
     crash: RankCrashed | None = None
     stopped_by: str | None = None  # the last signal we sent it, if we had to stop it
-    at: float = 0.0  # when it ended, time.monotonic()
+    at: float = 0.0  # when it ended, time.monotonic() (a death: the earliest it may have)
 
     @property
     def ok(self) -> bool:
@@ -90,6 +97,7 @@ class Supervisor:
         self._procs: dict[int, RankProcess] = {}
         self._escalating: dict[int, tuple[int, float]] = {}  # rank -> (next step, when)
         self._signalled: dict[int, tuple[str, float]] = {}  # rank -> (last signal, when)
+        self._hung_up: dict[int, float] = {}  # rank -> when its control channel hit EOF
         self._call_ids = itertools.count(1)
         self._shown: Callable[[int], bool] = lambda rank: True
         self.router = OutputRouter(new_log_dir(), _make_sink)
@@ -118,6 +126,7 @@ class Supervisor:
         if self._closed:
             return
         self._closed = True
+        self._drain_to_log()
         self.router.begin_call(self._shown)
         live = [p for p in self._procs.values() if p.alive]
         for proc in live:
@@ -181,15 +190,15 @@ class Supervisor:
         """
         started = time.monotonic() if started is None else started
         call_id = next(self._call_ids)
-        # What ranks printed since the last call belongs to no cell: into the logs only.
-        for proc in self._procs.values():
-            for fd in list(proc.output):
-                self._read_output(proc, fd)
+        self._drain_to_log()
         self._shown = shown
         self.router.begin_call(shown)
         try:
             for rank, payload in payloads.items():
-                _protocol.send(self._procs[rank].conn, Call(call_id, kind, payload, dict(cells)))
+                # A rank that died since the World last looked: its sentinel reports how.
+                with contextlib.suppress(OSError):
+                    _protocol.send(self._procs[rank].conn,
+                                   Call(call_id, kind, payload, dict(cells)))
             return self._wait(list(payloads), Done, call_id, started, timeout,
                               "running the function")
         finally:
@@ -244,6 +253,9 @@ class Supervisor:
         self._advance_escalation(now, pending, outcomes)
         wake = [deadline] if deadline is not None else []
         wake += [when for _, when in self._escalating.values()]
+        due = self.router.due()  # a progress display that held back a redraw
+        if due is not None:
+            wake.append(due)
         timeout = max(0.0, min(wake) - now) if wake else None
         sources: dict[object, tuple[str, RankProcess, int]] = {}
         for proc in self._procs.values():
@@ -251,7 +263,8 @@ class Supervisor:
             for fd in proc.output:
                 sources[fd] = ("output", proc, fd)
             if proc.alive:
-                sources[proc.conn] = ("control", proc, 0)
+                if rank not in self._hung_up:  # at EOF it stays readable: wait on the sentinel
+                    sources[proc.conn] = ("control", proc, 0)
                 sources[proc.sentinel] = ("sentinel", proc, 0)
             elif rank in pending:
                 pending.discard(rank)  # died before this wait began
@@ -269,7 +282,7 @@ class Supervisor:
             elif proc.alive:
                 proc.reap()
                 self._read_control(proc, expect, pending, outcomes)  # a last reply
-                for out_fd in proc.output:
+                for out_fd in list(proc.output):  # reading to EOF removes the fd
                     self._read_output(proc, out_fd)
                 self.router.finish(proc.spec.rank)
                 if proc.spec.rank in pending:
@@ -277,6 +290,16 @@ class Supervisor:
                     self._record_death(proc, outcomes, during)
                 self._escalating.pop(proc.spec.rank, None)
         self.router.flush()
+
+    def _drain_to_log(self) -> None:
+        """What ranks printed since the last call (or close) began belongs to no cell.
+
+        Called with no call bound, so it goes into the logs only, also when a background
+        thread of a rank wrote it and the next cell runs a call, or closes the World.
+        """
+        for proc in self._procs.values():
+            for fd in list(proc.output):
+                self._read_output(proc, fd)
 
     def _read_output(self, proc: RankProcess, fd: int) -> None:
         while True:
@@ -322,15 +345,21 @@ class Supervisor:
                     stopped_by = self._stopped_by(rank, at)
                     outcomes[rank] = Outcome(rank, reply=message, stopped_by=stopped_by, at=at)
         except (EOFError, OSError):
-            pass  # the rank is gone; its sentinel reports how
+            # The rank is dying. Its sentinel says how only later (the template reports
+            # after reaping it); the EOF is the closest the kernel sees to when it died.
+            self._hung_up.setdefault(rank, time.monotonic())
 
     def _record_death(self, proc: RankProcess, outcomes: dict[int, Outcome], during: str) -> None:
         rank = proc.spec.rank
         crash = RankCrashed(
             rank, proc.pid, proc.reap(), proc.spec.describe(), self.router.tail(rank), during
         )
-        now = time.monotonic()
-        outcomes[rank] = Outcome(rank, crash=crash, stopped_by=self._stopped_by(rank, now), at=now)
+        at = self._hung_up.get(rank, time.monotonic()) - DEATH_SEEN_LATE
+        stopped_by = self._stopped_by(rank, at)
+        signalled = self._signalled.get(rank)
+        if signalled is not None and crash.signal_name == signalled[0]:
+            stopped_by = signalled[0]  # killed by the signal we sent: ours, however fast
+        outcomes[rank] = Outcome(rank, crash=crash, stopped_by=stopped_by, at=at)
 
     def _stopped_by(self, rank: int, at: float) -> str | None:
         """The signal we sent before the rank failed at ``at``: its failure is our doing."""

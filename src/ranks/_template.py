@@ -15,8 +15,9 @@ request. A rank forked from it starts with torch imported and no CUDA state.
       | -- close (EOF) ----------------------------> |  exits once its ranks are gone
 
 One template per kernel, started on first use (never at import), closed at interpreter
-exit. It dies with the kernel (parent-death signal, and EOF on its socket). Linux only: on
-other systems, and with ``RANKS_START_METHOD=spawn``, ranks start by spawn instead.
+exit. It dies with the kernel (a pidfd on the kernel, else the parent-death signal; and
+EOF on its socket). Linux only: on other systems, and with ``RANKS_START_METHOD=spawn``,
+ranks start by spawn instead.
 A preload that would initialise CUDA or start a thread is dropped, logged, and the
 template restarted without it: fork is only safe from a single-threaded, CUDA-free process.
 """
@@ -36,6 +37,7 @@ import socket
 import struct
 import subprocess
 import sys
+import sysconfig
 import threading
 import traceback
 from collections.abc import Iterable, Mapping
@@ -104,6 +106,7 @@ class Template:
         self._sock = ours
         self._ready = False
         self._sent_modules: set[str] = set()
+        self._sources: dict[str, tuple[int, int] | None] = {}  # file -> its stamp when sent
         self._send(("config", list(sys.path), os.getcwd(), sorted(self.denied)))
         self.preload(_kernel_modules(self.denied))
 
@@ -135,7 +138,12 @@ class Template:
         new = sorted(set(modules) - self._sent_modules)
         if new:
             self._sent_modules.update(new)
+            self._sources.update(_source_stamps(new))
             self._send(("preload", new))
+
+    def stale(self) -> bool:
+        """Has a notebook module it imported changed on disk since (edited, reloaded)?"""
+        return any(_stamp(path) != stamp for path, stamp in self._sources.items())
 
     def fork_rank(
         self, spec: RankSpec, env: Mapping[str, str], cwd: str, stacks_path: str
@@ -209,6 +217,31 @@ def _kernel_modules(denied: set[str]) -> list[str]:
     return [*ALWAYS_PRELOAD, *sorted(names)]
 
 
+def _source_stamps(names: Iterable[str]) -> dict[str, tuple[int, int] | None]:
+    """The files of these modules and their stamps, installed packages aside.
+
+    Only the notebook's own modules (local files, editable installs) are edited while the
+    kernel runs; skipping site-packages keeps the check per call to a few stat calls.
+    """
+    paths = sysconfig.get_paths()
+    installed = (paths["purelib"], paths["platlib"])
+    stamps = {}
+    for name in names:
+        path = getattr(sys.modules.get(name), "__file__", None)
+        if isinstance(path, str) and not path.startswith(installed):
+            stamps[path] = _stamp(path)
+    return stamps
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    # The size too: an edit within the file system's mtime granularity still changes it.
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
+
 _template: Template | None = None
 _denied: set[str] = set()  # top-level modules found unsafe to preload in this kernel
 _MAX_STARTS = 4
@@ -226,8 +259,12 @@ def get_template() -> Template:
     """The kernel's template, started now if there is none, the last died or went unsafe."""
     global _template
     if _template is not None and _template.alive:
-        _template.preload(_kernel_modules(_template.denied))
-        return _template
+        if not _template.stale():
+            _template.preload(_kernel_modules(_template.denied))
+            return _template
+        # A rank forked from it would run the module as the template imported it, where a
+        # spawned rank imports the file as it is now (an edit, %autoreload, reload()).
+        log.info("ranks template: a notebook module changed on disk; starting a fresh one")
     if _template is None:
         atexit.register(close_template)  # with the first template, not at import
     close_template()
@@ -294,13 +331,8 @@ def close_template() -> None:
 
 def serve(argv: list[str]) -> None:
     sock = socket.socket(fileno=int(argv[0]))
-    kernel_pid = int(argv[1])
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != kernel_pid:
-        os._exit(1)
+    kernel_gone = _watch_kernel(int(argv[1]))
+    kernel_fds = [] if kernel_gone is None else [kernel_gone]
     children: dict[int, int] = {}  # pid -> write end of its exit pipe
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
@@ -310,7 +342,10 @@ def serve(argv: list[str]) -> None:
     closing = False
     poisoned: tuple[str, str] | None = None  # (module, why) once forking became unsafe
     while not (closing and not children):
-        readable, _, _ = select.select([wake_read] + ([] if closing else [sock]), [], [])
+        watched: list[int | socket.socket] = [wake_read, *kernel_fds, *([] if closing else [sock])]
+        readable, _, _ = select.select(watched, [], [])
+        if kernel_gone in readable:
+            os._exit(0)  # the kernel died: our ranks get their parent-death signal as we go
         if wake_read in readable:
             os.read(wake_read, 4096)
             _reap(children)
@@ -341,9 +376,33 @@ def serve(argv: list[str]) -> None:
                     os.close(fd)
                 sock.send(pickle.dumps(("poisoned", *poisoned)))
             elif message[0] == "fork":
-                pid, exit_read = _fork_rank(message, fds, sock, children, (wake_read, wake_write))
+                ours = (wake_read, wake_write, *kernel_fds)
+                pid, exit_read = _fork_rank(message, fds, sock, children, ours)
                 socket.send_fds(sock, [pickle.dumps(("forked", pid))], [exit_read])
                 os.close(exit_read)
+
+
+def _watch_kernel(kernel_pid: int) -> int | None:
+    """An fd that turns readable when the kernel exits; None where only the signal is left.
+
+    Not the parent-death signal, where a pidfd exists: Linux sends it when the *thread*
+    that started us exits (prctl(2)), and the first ``ranks.run`` may come from a
+    short-lived thread (a pool, a callback), which would take the template, and every rank
+    forked from it, along when it ends.
+    """
+    try:
+        pidfd: int | None = os.pidfd_open(kernel_pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3, or a sandbox that refuses it
+        pidfd = None
+    if pidfd is None and sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    # The kernel may have died before: then we were re-parented and pidfd_open may have
+    # opened another process that got the same pid.
+    if os.getppid() != kernel_pid:
+        os._exit(1)
+    return pidfd
 
 
 def _preload(modules: list[str]) -> dict[str, Any]:
@@ -403,7 +462,7 @@ def _reap(children: dict[int, int]) -> None:
 
 def _fork_rank(
     message: tuple[Any, ...], fds: list[int], sock: socket.socket,
-    children: dict[int, int], wake: tuple[int, int],
+    children: dict[int, int], ours: tuple[int, ...],
 ) -> tuple[int, int]:
     _, env, cwd, stacks_path = message
     control_fd, out_write, err_write = fds
@@ -415,7 +474,7 @@ def _fork_rank(
             os.setsid()
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            for fd in [exit_read, exit_write, *wake, *children.values()]:
+            for fd in [exit_read, exit_write, *ours, *children.values()]:
                 close_quietly(fd)
             sock.close()
             _become_rank(env, cwd, out_write, err_write)

@@ -9,7 +9,8 @@ The main thread runs the user's code, so KeyboardInterrupt (the kernel forwardin
 interrupt as SIGINT) lands where the user expects it. A reader thread owns the control
 channel: it queues commands for the main thread and, when the channel closes because the
 kernel died, kills the rank's whole process group (DataLoader workers included). On Linux
-the parent-death signal is a second, independent guard for the rank itself.
+the parent-death signal is a second, independent guard for the rank itself, and a watcher
+process forked first kills the rank's group when the rank dies, however it dies.
 
 fds 1 and 2 are pipes to the kernel, set up by the launcher; Python's and C's stdio are
 line-buffered here so output streams live.
@@ -40,7 +41,9 @@ from ._protocol import Call, CallKind, Close, Done, Failed, Init, Ready
 
 def main(argv: list[str]) -> None:
     control_fd, parent_pid, stacks_path = int(argv[0]), int(argv[1]), argv[2]
+    sys.argv = ["-c"]  # what user code sees: ours are not its arguments (as `python -c`)
     _guard_parent_death(parent_pid)
+    _guard_descendants()  # before any thread starts: it forks
     os.set_inheritable(control_fd, False)  # programs the user starts must not hold it open
     faulthandler.enable(file=2, all_threads=True)  # fd 2: the pipe to the kernel
     # SIGUSR1 dumps every thread's stack to a file the kernel reads on a timeout; the dump
@@ -83,6 +86,33 @@ def _guard_parent_death(parent_pid: int) -> None:
     # The parent may have died before prctl took effect: then we were re-parented already.
     if os.getppid() != parent_pid:
         os._exit(1)
+
+
+def _guard_descendants() -> None:
+    """Fork a watcher that kills the rank's process group once the rank is dead.
+
+    The parent-death signal kills a rank the moment the kernel dies, usually before its
+    control thread can kill the rank's children (a DataLoader worker, a `sleep` the user
+    started), which would then be orphaned. The watcher is a child of the rank, in its
+    process group, holding none of its fds, and gets the rank's death as its own
+    parent-death signal: however the rank ends, its whole group goes with it.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    rank_pid = os.getpid()
+    if os.fork() != 0:
+        return
+    try:
+        os.closerange(0, os.sysconf("SC_OPEN_MAX"))  # never keep a pipe to the kernel open
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, lambda signum, frame: os.killpg(0, signal.SIGKILL))
+        ctypes.CDLL(None).prctl(1, signal.SIGHUP, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() == rank_pid:
+            while True:
+                signal.pause()
+        os.killpg(0, signal.SIGKILL)  # the rank died before prctl took effect
+    finally:
+        os._exit(0)
 
 
 def _line_buffer_c_stdio() -> None:
@@ -196,25 +226,29 @@ def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
         return _failure(call.call_id, error, "loading what the kernel sent", skip=0)
 
     global _in_user_code
-    _in_user_code = True
     try:
-        if call.kind is CallKind.RUN:
-            _fill_missing_globals(fn, namespace)
-            result = fn(*args, **kwargs)
-        elif call.kind is CallKind.EXEC:
-            namespace.setdefault("__builtins__", builtins)
-            exec(code, namespace)
-            result = None
-        elif call.kind is CallKind.PUSH:
-            namespace.update(values)
-            result = None
-        else:
-            result = _pull(namespace, _serialize.loads(call.payload))
+        try:
+            _in_user_code = True
+            if call.kind is CallKind.RUN:
+                _fill_missing_globals(fn, namespace)
+                result = fn(*args, **kwargs)
+            elif call.kind is CallKind.EXEC:
+                namespace.setdefault("__builtins__", builtins)
+                exec(code, namespace)
+                result = None
+            elif call.kind is CallKind.PUSH:
+                namespace.update(values)
+                result = None
+            else:
+                result = _pull(namespace, _serialize.loads(call.payload))
+        finally:
+            # Cleared before _failure runs: when this rank and a peer raise together, the
+            # kernel's SIGINT (meant to stop the peer's echo) would otherwise land in the
+            # formatting of our own error, escape _serve and kill the rank (World broken).
+            _in_user_code = False
     except BaseException as error:
         # skip=1 drops this frame: the traceback starts in the user's code.
         return _failure(call.call_id, error, "running the function", skip=1)
-    finally:
-        _in_user_code = False
 
     try:
         return Done(call.call_id, _serialize.dumps(result))
@@ -245,6 +279,9 @@ def _pull(namespace: dict[str, Any], name: str) -> Any:
 
 
 def _failure(call_id: int | None, error: BaseException, during: str, skip: int) -> Failed:
+    # When it failed, not when the report is ready: formatting and pickling can take long
+    # enough for a peer's later failure, or our SIGINT, to look earlier than this one.
+    at = time.monotonic()
     if isinstance(error, SystemExit):
         _exit_as_asked(error)
     tb: TracebackType | None = error.__traceback__
@@ -257,8 +294,7 @@ def _failure(call_id: int | None, error: BaseException, during: str, skip: int) 
         _serialize.loads(payload)  # exceptions whose __init__ takes other args fail only here
     except BaseException:
         payload = None
-    return Failed(call_id, payload, type(error).__qualname__, str(error), text, during,
-                  time.monotonic())
+    return Failed(call_id, payload, type(error).__qualname__, str(error), text, during, at)
 
 
 def _exit_as_asked(request: SystemExit) -> NoReturn:

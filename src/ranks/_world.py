@@ -209,6 +209,9 @@ class World:
         __tracebackhide__ = True
         if self.closed:
             raise RanksError("this World is closed; start a new one")
+        # A rank can also die between calls (the OOM killer, a stray kill): say so rather
+        # than fail on its closed channel.
+        self._mark_broken_if_dead()
         if self._broken is not None:
             raise WorldBroken(self._broken)
         cells = _notebook.cell_sources(self._sent_cells)
@@ -228,25 +231,30 @@ class World:
                 raise
         return values
 
-    def _failure_of(self, result: WaitResult) -> BaseException | None:
-        """The exception a finished wait ends in, marking the World broken if a rank died."""
+    def _mark_broken_if_dead(self) -> list[int]:
+        """The ranks that have ended; if any, the World is broken and the others are killed."""
         dead = self._supervisor.dead_ranks()
-        if dead:
+        if dead and self._broken is None:
             self._broken = f"rank(s) {dead} ended"
             self._supervisor.kill()  # the survivors would wait on the dead in collectives
+        return dead
+
+    def _failure_of(self, result: WaitResult) -> BaseException | None:
+        """The exception a finished wait ends in, marking the World broken if a rank died."""
+        dead = self._mark_broken_if_dead()
         pids = self._supervisor.pids
         devices = {s.rank: s.describe() for s in self._specs}
         error = build_error(result.outcomes, pids, devices)
         if result.timeout is not None:
-            return result.timeout
-        if result.interrupted:
-            interrupt = KeyboardInterrupt()
+            error = result.timeout
+        elif result.interrupted:
+            error = KeyboardInterrupt()
             if dead:
-                add_note(interrupt, f"ranks: ranks {dead} did not stop in time and were killed;"
-                         " this World is broken")
-            return interrupt
+                add_note(error, f"ranks: ranks {dead} did not stop in time and were killed")
         if error is not None and dead:
-            add_note(error, "ranks: this World is broken (a rank ended); start a new one")
+            # Said by whichever error the cell shows: a timeout or an interrupt that had to
+            # kill, as much as a crash, leaves the World unusable.
+            add_note(error, "ranks: this World is broken; start a new one (or `%ranks restart`)")
         return error
 
 
