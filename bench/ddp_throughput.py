@@ -48,8 +48,9 @@ def via_torchrun(n: int, config: dict[str, int]) -> float:
 
 
 def via_ranks(n: int, gpus: int, config: dict[str, int]) -> float:
-    import ranks
     from _ddp_workload import train
+
+    import ranks
 
     placement = {"gpus": list(range(n))} if gpus else {"n": n}
     results = ranks.run(train, kwargs=config, output="none", timeout=600, **placement)

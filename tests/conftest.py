@@ -8,6 +8,7 @@ short grace for processes that are already on their way out) and is cleaned up.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from kernel import KERNEL_PIDS, Kernel
 
 LEAK_GRACE = 5.0
@@ -66,10 +66,8 @@ def _unexpected_children() -> list[psutil.Process]:
     if template is not None:
         owned.add(template)
     for pid in kernels:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             owned |= {c.pid for c in psutil.Process(pid).children(recursive=True)}
-        except psutil.NoSuchProcess:
-            pass
     return [c for c in me.children(recursive=True) if c.pid not in owned]
 
 
@@ -96,7 +94,7 @@ def no_leaks() -> Iterator[None]:
     while True:
         ranks_left = rank_processes()
         children = [c for c in _unexpected_children() if c not in ranks_left]
-        if not ranks_left and not children or time.monotonic() > deadline:
+        if (not ranks_left and not children) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     new_threads = [
@@ -105,10 +103,8 @@ def no_leaks() -> Iterator[None]:
     ]
     new_shm = _shm_segments() - shm_before
     for proc in ranks_left + children:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     problems = []
     if ranks_left:
         problems.append(f"rank processes left running: {[p.pid for p in ranks_left]}")

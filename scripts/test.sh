@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Install everything the checks need, from a fresh clone, then run them all: ruff, mypy
+# (strict on src/ranks) and the test suite. CI runs this through .ci/run.
+#
+#   bash scripts/test.sh [PYTEST_ARGS...]
+#
+# The environment is .venv-test in the repository (made on the first run, reused after;
+# $RANKS_TEST_VENV names another). See scripts/_env.sh for RANKS_PYTHON, RANKS_WHEELS (install
+# offline from a folder of wheels) and RANKS_TORCH. pytest writes a JUnit report to
+# $RANKS_RESULTS (default: build/test-results/junit.xml, or $OUT/junit.xml where $OUT is set).
+#
+# Every check runs even when an earlier one fails; the exit status is non-zero if any failed.
+# pytest's exit status 5 (no test collected) counts as a failure: a run that tested nothing
+# must not pass.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PYTHONDONTWRITEBYTECODE=1 PIP_NO_INPUT=1
+
+# shellcheck source=scripts/_env.sh
+source scripts/_env.sh
+# The browser extra (JupyterLab, Playwright) serves tests/test_browser.py, which also needs
+# Chromium (.ci/run installs it). Offline installs ($RANKS_WHEELS) go without: it skips there.
+extras=test
+[ -n "${RANKS_WHEELS:-}" ] || extras=test,browser
+ranks_env "${RANKS_TEST_VENV:-.venv-test}" "$extras"
+
+results=${RANKS_RESULTS:-${OUT:+$OUT/junit.xml}}
+results=${results:-build/test-results/junit.xml}
+mkdir -p "$(dirname "$results")"
+
+failed=()
+
+# Folders git does not track (an empty bench/) are absent in a fresh clone.
+lint_paths=()
+for path in src tests bench examples; do
+  [ -e "$path" ] && lint_paths+=("$path")
+done
+echo "==> ruff check ${lint_paths[*]}"
+"$PY" -m ruff check "${lint_paths[@]}" || failed+=(ruff)
+
+echo "==> mypy (configured in pyproject.toml)"
+"$PY" -m mypy || failed+=(mypy)
+
+echo "==> pytest (JUnit report: $results)"
+started=$SECONDS
+status=0
+"$PY" -m pytest -q --junitxml="$results" "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+  echo "error: pytest collected no test (exit status 5): nothing was tested" >&2
+  failed+=("pytest (no test collected)")
+elif [ "$status" -ne 0 ]; then
+  failed+=("pytest (exit status $status)")
+fi
+
+# Ranks start forked from the warm template by default; spawn is the fallback (non-Linux, or
+# a template that cannot be made safe) and RANKS_START_METHOD=spawn forces it. A second pass
+# runs the notebook and failure tests on that path so it cannot rot unseen (about a minute).
+# Only on a full run: PYTEST_ARGS pick what to test, and this pass would add to it.
+if [ "$#" -eq 0 ]; then
+  spawn_files=(tests/test_run_notebook.py tests/test_failures.py)
+  echo "==> pytest, RANKS_START_METHOD=spawn: ${spawn_files[*]}"
+  status=0
+  RANKS_START_METHOD=spawn "$PY" -m pytest -q --junitxml="${results%.xml}-spawn.xml" \
+    "${spawn_files[@]}" || status=$?
+  [ "$status" -eq 0 ] || failed+=("pytest RANKS_START_METHOD=spawn (exit status $status)")
+fi
+
+if [ "${#failed[@]}" -ne 0 ]; then
+  echo "FAILED: ${failed[*]} (pytest took $((SECONDS - started)) s)" >&2
+  exit 1
+fi
