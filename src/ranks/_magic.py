@@ -99,6 +99,9 @@ class RanksMagics:
 
     def _cmd_start(self, args: list[str]) -> None:
         if self.world is not None and not self.world.closed:
+            if self.world.broken is not None:
+                raise RanksError(f"the running ranks are broken ({self.world.broken}):"
+                                 " `%ranks restart` starts new ones")
             raise RanksError("ranks are already running: `%ranks stop` or `%ranks restart` first")
         options = _start_parser().parse_args(args)
         self.world = World(options.n, options.gpus, torch_dist=options.torch_dist)

@@ -68,6 +68,8 @@ class RankProcess:
 
     def ended(self) -> bool:
         """Has the process ended (without blocking)? Reaps it if so."""
+        if self._closed:
+            return True  # released: the World is closed, its sentinel fd may be reused
         if self.returncode is None and _readable(self.sentinel):
             self.reap()
         return self.returncode is not None

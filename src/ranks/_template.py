@@ -107,7 +107,6 @@ class Template:
         self._ready = False
         self._sent_modules: set[str] = set()
         self._sources: dict[str, tuple[int, int] | None] = {}  # file -> its stamp when sent
-        self._send(("config", list(sys.path), os.getcwd(), sorted(self.denied)))
         self.preload(_kernel_modules(self.denied))
 
     @property
@@ -138,7 +137,15 @@ class Template:
         new = sorted(set(modules) - self._sent_modules)
         if new:
             self._sent_modules.update(new)
+            found: dict[str, bool] = {}  # top-level name -> found as the kernel's file
+            for name in new:
+                top = name.partition(".")[0]
+                if top not in found:
+                    found[top] = _found_again(top)
+            new = [name for name in new if found[name.partition(".")[0]]]
             self._sources.update(_source_stamps(new))
+            # The template imports them from the kernel's folder and sys.path as they are now.
+            self._send(("config", list(sys.path), os.getcwd(), sorted(self.denied)))
             self._send(("preload", new))
 
     def stale(self) -> bool:
@@ -215,6 +222,29 @@ def _kernel_modules(denied: set[str]) -> list[str]:
             continue
         names.append(name)
     return [*ALWAYS_PRELOAD, *sorted(names)]
+
+
+def _found_again(top: str) -> bool:
+    """Would importing ``top`` afresh, from here and now, find the kernel's module's file?
+
+    Not after an ``os.chdir`` or a ``sys.path`` edit that puts another file of the same name
+    first (a ``helpers.py`` in two project folders): the template would import that one and
+    its ranks run other code than the kernel. Left out, the module is imported by the rank
+    when it needs it, from the file a spawned rank would find.
+    """
+    kernel_file = getattr(sys.modules.get(top), "__file__", None)
+    if kernel_file is None:
+        return True  # not imported in the kernel (ALWAYS_PRELOAD): nothing to mix up
+    for finder in sys.meta_path:  # importlib's own search, without the sys.modules cache
+        try:
+            spec = finder.find_spec(top, None)
+        except Exception:  # a third-party finder that cannot answer: do not guess
+            return False
+        if spec is not None:
+            origin = spec.origin
+            return origin is not None and os.path.realpath(origin) == os.path.realpath(
+                kernel_file)
+    return False
 
 
 def _source_stamps(names: Iterable[str]) -> dict[str, tuple[int, int] | None]:

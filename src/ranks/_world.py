@@ -187,6 +187,12 @@ class World:
         self._finalizer()
 
     @property
+    def broken(self) -> str | None:
+        """Why this World can no longer be used (a rank ended), or None while it can."""
+        self._mark_broken_if_dead()
+        return self._broken
+
+    @property
     def closed(self) -> bool:
         return not self._finalizer.alive
 

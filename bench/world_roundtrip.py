@@ -1,0 +1,228 @@
+"""Round trip of a trivial call on warm ranks: ranks.World beside ipyparallel, 2 of each.
+
+    pip install ipyparallel   # not a dependency of ranks: only this comparison needs it
+    python bench/world_roundtrip.py [--calls N] [--markdown FILE]
+
+Both sides are started once and warmed up, then timed call by call, alternately (one call of
+ranks, one of ipyparallel), so that drift of a busy machine hits both alike:
+
+* from Python: ``World.run(lambda: None)`` vs ``rc[:].apply_sync(lambda: None)``, and
+  ``World.exec("pass")`` vs ``rc[:].execute("pass", block=True)``;
+* through a real Jupyter kernel, as a user sees it (client sends the cell, until the kernel
+  is idle and has replied): ``%%ranks`` with ``pass`` vs ``%px pass``, with a plain ``pass``
+  cell as the kernel's own floor.
+
+ipyparallel runs a controller and 2 engines on loopback (``ipp.Cluster(n=2)``); the kernel
+connects its own client to the same cluster. Prints median and p95 in milliseconds and the
+ratio ipyparallel/ranks (goal: ranks faster, in the low milliseconds or better). Everything
+started here is stopped in ``finally`` blocks, also when a step fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import queue
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+WARMUP = 20
+
+
+def summary(seconds: list[float]) -> tuple[float, float]:
+    """Median and p95, in milliseconds."""
+    ordered = sorted(seconds)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return statistics.median(ordered) * 1e3, p95 * 1e3
+
+
+def alternate(calls: int, **pairs: Callable[[], object]) -> dict[str, list[float]]:
+    """Time each callable ``calls`` times, interleaved, after WARMUP untimed rounds."""
+    for _ in range(WARMUP):
+        for fn in pairs.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in pairs}
+    for _ in range(calls):
+        for name, fn in pairs.items():
+            started = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+@contextmanager
+def ipp_cluster(profile_dir: str) -> Iterator[tuple[Any, str]]:
+    """A running ipyparallel cluster of 2 engines, its client, and the client's url file."""
+    import ipyparallel as ipp
+    import psutil
+
+    before = set(psutil.Process().children(recursive=True))
+    cluster = ipp.Cluster(n=2, profile_dir=profile_dir, log_level=40)
+    started: list[psutil.Process] = []
+    try:
+        client = cluster.start_and_connect_sync()
+        # The controller, the engines and their nannies: a nanny outlives its engine for a
+        # moment and is re-parented to init, so it is found now and waited for at the end.
+        started = [p for p in psutil.Process().children(recursive=True) if p not in before]
+        try:
+            client.wait_for_engines(2, timeout=120)
+            url_file = os.path.join(profile_dir, "security",
+                                    f"ipcontroller-{cluster.cluster_id}-client.json")
+            yield client, url_file
+        finally:
+            client.close()
+    finally:
+        try:
+            cluster.stop_cluster_sync()
+        finally:
+            _, alive = psutil.wait_procs(started, timeout=15)
+            for proc in alive:
+                with suppress(psutil.NoSuchProcess):
+                    proc.kill()
+
+
+class BenchKernel:
+    """A real ipykernel driven by jupyter_client; ``cell`` times one cell end to end."""
+
+    def __init__(self, cwd: str) -> None:
+        from jupyter_client.manager import KernelManager
+
+        self.manager = KernelManager(kernel_name="python3")
+        self.manager.kernel_spec.argv[0] = sys.executable  # the interpreter with ranks
+        self.manager.start_kernel(cwd=cwd, env=dict(os.environ))
+        self.client = self.manager.client()
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=60)
+
+    def cell(self, code: str, timeout: float = 60.0) -> None:
+        msg_id = self.client.execute(code, store_history=False)
+        deadline = time.monotonic() + timeout
+        error = None
+        while True:
+            try:
+                msg = self.client.get_iopub_msg(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"cell did not finish in {timeout} s: {code!r}") from None
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "error":
+                error = "\n".join(msg["content"]["traceback"])
+            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        self.client.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
+        if error is not None:
+            raise RuntimeError(f"cell {code!r} failed:\n{error}")
+
+    def close(self) -> None:
+        self.client.stop_channels()
+        # Not now=True: the kernel's exit handlers close its World (and its template).
+        self.manager.shutdown_kernel(now=False)
+
+
+def measure(calls: int) -> dict[str, list[float]]:
+    import ranks
+
+    results: dict[str, list[float]] = {}
+    with ExitStack() as cleanup:
+        profile_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="ranks-ipp-"))
+        client, url_file = cleanup.enter_context(ipp_cluster(profile_dir))
+        view = client[:]
+        world = cleanup.enter_context(ranks.World(n=2))
+
+        def nothing() -> None:
+            return None
+
+        results.update(alternate(
+            calls,
+            ranks_run=lambda: world.run(nothing),
+            ipp_apply=lambda: view.apply_sync(nothing),
+        ))
+        results.update(alternate(
+            calls,
+            ranks_exec=lambda: world.exec("pass"),
+            ipp_execute=lambda: view.execute("pass", block=True),
+        ))
+
+        workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="ranks-kernel-"))
+        kernel = BenchKernel(workdir)
+        cleanup.callback(kernel.close)
+        kernel.cell("%load_ext ranks\n%ranks start -n 2")
+        kernel.cell(f"import ipyparallel as ipp\nrc = ipp.Client({url_file!r})\n"
+                    "rc.wait_for_engines(2, timeout=60)\nrc.activate()")
+        results.update(alternate(
+            calls,
+            kernel_pass=lambda: kernel.cell("pass"),
+            kernel_ranks=lambda: kernel.cell("%%ranks\npass"),
+            kernel_px=lambda: kernel.cell("%px pass"),
+        ))
+        kernel.cell("%ranks stop\nrc.close()")
+    return results
+
+
+ROWS = [
+    ("Python: `w.run(lambda: None)` / `rc[:].apply_sync(lambda: None)`",
+     "ranks_run", "ipp_apply"),
+    ("Python: `w.exec(\"pass\")` / `rc[:].execute(\"pass\", block=True)`",
+     "ranks_exec", "ipp_execute"),
+    ("Kernel cell: `%%ranks` + `pass` / `%px pass`", "kernel_ranks", "kernel_px"),
+]
+
+
+def report(results: dict[str, list[float]], calls: int) -> str:
+    import ipyparallel
+    import torch
+
+    floor_median, floor_p95 = summary(results["kernel_pass"])
+    lines = [
+        f"Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; torch"
+        f" {torch.__version__}; ipyparallel {ipyparallel.__version__}; Python"
+        f" {platform.python_version()}; {platform.machine()}, {os.cpu_count()} CPU cores,"
+        f" no GPU used (CPU ranks); {calls} timed calls each after {WARMUP} warm-up calls,"
+        " ranks and ipyparallel interleaved.",
+        "",
+        "| call (2 ranks / 2 engines) | ranks median | ranks p95 | ipyparallel median"
+        " | ipyparallel p95 | ipyparallel / ranks (median) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, ours, theirs in ROWS:
+        our_median, our_p95 = summary(results[ours])
+        their_median, their_p95 = summary(results[theirs])
+        lines.append(
+            f"| {label} | {our_median:.3f} ms | {our_p95:.3f} ms | {their_median:.3f} ms"
+            f" | {their_p95:.3f} ms | {their_median / our_median:.1f}x |"
+        )
+    lines += [
+        "",
+        f"Kernel floor (a plain `pass` cell through the same client): median"
+        f" {floor_median:.3f} ms, p95 {floor_p95:.3f} ms; the kernel rows include it.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    options = parser.parse_args()
+    text = report(measure(options.calls), options.calls)
+    print(text)
+    if options.markdown:
+        Path(options.markdown).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    main()
+    print(f"({time.monotonic() - started:.0f} s)")
