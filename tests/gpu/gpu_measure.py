@@ -7,7 +7,10 @@ process listing the tests read, and the point of the tests is who holds GPU memo
   when ``nvidia-smi`` exists, so a machine without GPUs answers 0 at once;
 * :func:`gpus` and :func:`compute_apps` parse ``nvidia-smi --query-*`` output;
 * :class:`Sampler` polls :func:`compute_apps` in a thread while a cell runs in the kernel,
-  to see the ranks' memory during the call.
+  to see the ranks' memory during the call;
+* :func:`check_ranks_gone` asserts, once a test's ranks should be gone, that none of them
+  (and nothing else under the kernel) holds GPU memory and that the kernel holds what it
+  held before.
 
 :data:`MEASUREMENTS` collects the figures the tests measured; ``conftest.py`` beside this file
 prints them at the end of the session and writes them as JSON (to ``$RANKS_GPU_REPORT``, or
@@ -158,3 +161,61 @@ def wait_until_gone(
         if not pids & table.keys() or time.monotonic() > deadline:
             return table
         time.sleep(0.25)
+
+
+def listing() -> dict[int, dict[int, int]]:
+    """{pid: {GPU index: MiB}} of every process nvidia-smi lists now."""
+    index_of = {normal_uuid(g.uuid): g.index for g in gpus()}
+    return by_pid(compute_apps(), index_of)
+
+
+KERNEL_SLACK_MIB = 32  # how far nvidia-smi's figure for the kernel's own context may move
+
+
+def check_ranks_gone(
+    rank_pids: set[int], kernel_pid: int, kernel_before: dict[int, int] | None,
+    timeout: float = 20.0,
+) -> dict[str, Any]:
+    """Once a test's ranks should be gone: none of ``rank_pids`` is alive or holds GPU
+    memory, no other process under the kernel does, and the kernel holds what it held
+    before (``kernel_before``, its ``{GPU index: MiB}``; None where nvidia-smi did not list
+    it), on no other GPU. Waits for nvidia-smi to let go of the ranks (``timeout``), asserts,
+    and returns what it saw (MiB per GPU index) for the measurements report."""
+    import psutil
+
+    index_of = {normal_uuid(g.uuid): g.index for g in gpus()}
+    table = wait_until_gone(rank_pids, index_of, timeout)
+    try:
+        tree = {p.pid for p in psutil.Process(kernel_pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        tree = set()
+    seen = {
+        "ranks": {pid: per for pid, per in table.items() if pid in rank_pids},
+        "kernel": table.get(kernel_pid),
+        "kernel_before": kernel_before,
+        "under_kernel": {pid: per for pid, per in table.items() if pid in tree - rank_pids},
+        "others": {pid: per for pid, per in table.items()
+                   if pid not in rank_pids | tree | {kernel_pid}},
+    }
+    alive = sorted(pid for pid in rank_pids if _alive(pid))
+    assert not alive, f"rank processes still alive: {alive} ({seen})"
+    assert not seen["ranks"], f"rank pids still listed by nvidia-smi: {seen}"
+    assert not seen["under_kernel"], f"processes under the kernel hold GPU memory: {seen}"
+    if kernel_before is not None:
+        kernel_now = seen["kernel"] or {}
+        assert set(kernel_now) == set(kernel_before), (
+            f"the kernel held memory on GPUs {sorted(kernel_before)}, now {sorted(kernel_now)}:"
+            f" {seen}")
+        for gpu, mib in kernel_now.items():
+            assert mib <= kernel_before[gpu] + KERNEL_SLACK_MIB, (
+                f"the kernel holds {mib} MiB on GPU {gpu}, {kernel_before[gpu]} MiB before: {seen}")
+    return seen
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False

@@ -1,0 +1,380 @@
+"""Fail-fast: how long a rank's exception takes to reach the notebook while its peer is
+blocked in a collective. ranks.run against accelerate's notebook_launcher.
+
+    python bench/failfast.py [--repeat 3] [--cap 120] [--launchers ranks,accelerate]
+                             [--driver kernel|script]
+
+Two ranks join a process group (NCCL on GPUs 0 and 1 when nvidia-smi lists two, else
+Gloo on the CPU) and do one all_reduce. Then rank 1 writes ``time.time()`` to a file and
+raises, while rank 0 waits in a second all_reduce that rank 1 never joins. The figure is
+the time from that ``time.time()`` to the moment the launcher's exception reaches the
+caller's ``except`` in the kernel (also ``time.time()``: one host, one clock).
+
+Both launchers are driven the way a notebook drives them: from a real ipykernel started
+with jupyter_client, with ``import torch`` done first, the function defined in a cell, one
+fresh kernel per launcher. ``ranks.run(work, n=2, torch_dist=True)`` (the function finds
+the group made); ``notebook_launcher(work, num_processes=2)`` forks the kernel through
+torch elastic and ``work`` creates the group itself from elastic's variables. Where
+jupyter_client is not installed (``--driver script``, the default there) the same cells run
+as one plain Python script per launcher: notebook_launcher only treats Colab and Kaggle
+specially, so a script takes the path a Jupyter kernel takes.
+
+Every measurement has its own deadline, --cap seconds: a launch that has not ended by then
+(plus start-up slack) gets its kernel or script killed with its whole process tree, and is
+reported as ">cap"; that launcher's remaining repeats are skipped. Prints a table and the
+ratio notebook_launcher / ranks.run of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import queue
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+MARK = "FAILFAST-RESULT "
+START_SLACK = 60.0  # a cell's deadline is --cap plus this: imports and joining the group
+
+# The notebook's cells. The function is defined in the notebook, as a user would.
+SETUP = """
+import json, os, socket, sys, time
+sys.path.insert(0, {src!r})
+import torch
+BACKEND = {backend!r}
+
+def work(raised, backend):
+    import os, time
+    import torch
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group(backend)  # notebook_launcher: elastic's env:// variables
+    rank = dist.get_rank()
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    total = torch.ones(1, device=device)
+    dist.all_reduce(total)  # the group is up and connected
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if rank == 1:
+        time.sleep(0.5)  # by now rank 0 waits in the all_reduce below
+        with open(raised, "w") as out:
+            out.write(repr(time.time()))
+        raise RuntimeError("rank 1 failed while rank 0 waits in all_reduce")
+    dist.all_reduce(total)  # rank 1 never joins
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # NCCL is asynchronous: block here as Gloo does
+    return total.item()
+
+def measure(launch, raised):
+    try:
+        launch(raised)
+    except BaseException as error:
+        arrived, kind = time.time(), type(error).__name__
+    else:
+        arrived, kind = None, "returned"
+    print({mark!r} + json.dumps({{"arrived": arrived, "kind": kind}}), flush=True)
+"""
+
+RANKS = """
+import ranks
+
+def launch(raised):
+    placement = {{"gpus": [0, 1]}} if BACKEND == "nccl" else {{"n": 2}}
+    ranks.run(work, args=(raised, BACKEND), torch_dist=True, timeout={cap!r}, output="none",
+              **placement)
+"""
+
+ACCELERATE = """
+from accelerate import notebook_launcher
+
+def launch(raised):
+    with socket.socket() as probe:  # the default port 29500 may be taken on a shared host
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    notebook_launcher(work, args=(raised, BACKEND), num_processes=2, use_port=str(port))
+"""
+
+
+@dataclass(frozen=True)
+class Launcher:
+    key: str
+    label: str
+    setup: str
+
+
+LAUNCHERS = (
+    Launcher("ranks", "ranks.run", RANKS),
+    Launcher("accelerate", "accelerate notebook_launcher", ACCELERATE),
+)
+
+
+@dataclass
+class Result:
+    seconds: list[float] = field(default_factory=list)
+    kinds: set[str] = field(default_factory=set)
+    over_cap: bool = False
+    failed: str | None = None
+
+
+class Kernel:
+    """One ipykernel running this interpreter; each cell has a deadline."""
+
+    def __init__(self, cwd: str, log: Path) -> None:
+        from jupyter_client.manager import KernelManager
+
+        self.manager = KernelManager(kernel_name="python3")
+        self.manager.kernel_spec.argv[0] = sys.executable
+        with open(log, "wb") as out:  # the kernel's own chatter, and the ranks' crash output
+            self.manager.start_kernel(cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        self.client = self.manager.client()
+        self.client.start_channels()
+        self.client.wait_for_ready(timeout=60)
+        self.pid = int(self.manager.provisioner.process.pid)  # type: ignore[union-attr]
+
+    def run(self, code: str, timeout: float) -> str:
+        """Run one cell; its stdout. TimeoutError past the deadline, RuntimeError if it raised."""
+        msg_id = self.client.execute(textwrap.dedent(code), store_history=False)
+        deadline = time.monotonic() + timeout
+        stdout, error = [], None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"the cell did not end in {timeout:g} s")
+            try:
+                msg = self.client.get_iopub_msg(timeout=remaining)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream" and content["name"] == "stdout":
+                stdout.append(content["text"])
+            elif kind == "error":
+                error = f"{content['ename']}: {content['evalue']}"
+            elif kind == "status" and content["execution_state"] == "idle":
+                break
+        with contextlib.suppress(queue.Empty):
+            self.client.get_shell_msg(timeout=5)
+        if error is not None:
+            raise RuntimeError(error)
+        return "".join(stdout)
+
+    def close(self) -> None:
+        """Shut down; whatever of the kernel's process tree is left gets SIGKILL."""
+        tree = _tree(self.pid)
+        with contextlib.suppress(Exception):
+            self.client.stop_channels()
+        with contextlib.suppress(Exception):
+            self.manager.shutdown_kernel(now=True)
+        _, alive = psutil.wait_procs(tree, timeout=2)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+
+
+class Script:
+    """The same cells as one plain Python process, fed one cell at a time on stdin."""
+
+    def __init__(self, cwd: str, log: Path) -> None:
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in close()
+        self.process = subprocess.Popen(
+            [sys.executable, "-u", "-c", _SCRIPT_LOOP], cwd=cwd, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self._log, text=True, start_new_session=True,
+        )
+        self.pid = self.process.pid
+        self._lines: queue.Queue[str] = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line)
+        self._lines.put("")  # EOF
+
+    def run(self, code: str, timeout: float) -> str:
+        """Run one cell; what it printed. TimeoutError past the deadline."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(textwrap.dedent(code)) + "\n")
+        self.process.stdin.flush()
+        deadline = time.monotonic() + timeout
+        out = []
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"the cell did not end in {timeout:g} s") from None
+            if not line:
+                raise RuntimeError(f"the script exited ({self.process.wait()})")
+            if line.startswith(_CELL_END):
+                error = json.loads(line[len(_CELL_END):])
+                if error:
+                    raise RuntimeError(error)
+                return "".join(out)
+            out.append(line)
+
+    def close(self) -> None:
+        tree = _tree(self.pid)
+        for proc in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(tree, timeout=5)
+        self._reader.join(5)
+        self._log.close()
+
+
+_CELL_END = "FAILFAST-CELL-END "
+# The script's loop: one JSON-encoded cell per line on stdin, run in __main__.
+_SCRIPT_LOOP = f"""
+import json, sys, traceback
+for _line in sys.stdin:
+    try:
+        exec(compile(json.loads(_line), "<cell>", "exec"), globals())
+        _error = None
+    except BaseException as _e:
+        traceback.print_exc()
+        _error = repr(_e)
+    print({_CELL_END!r} + json.dumps(_error), flush=True)
+"""
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def detect_backend() -> str:
+    """nccl when nvidia-smi lists at least two GPUs, else gloo. Never touches CUDA here."""
+    if shutil.which("nvidia-smi") is None:
+        return "gloo"
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                timeout=20, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "gloo"
+    return "nccl" if sum(line.startswith("GPU ") for line in listed.splitlines()) >= 2 else "gloo"
+
+
+def bench(launcher: Launcher, backend: str, repeat: int, cap: float, workdir: Path,
+          driver: str) -> Result:
+    result = Result()
+    log = workdir / f"{driver}-{launcher.key}.log"
+    kernel = Kernel(str(workdir), log) if driver == "kernel" else Script(str(workdir), log)
+    try:
+        kernel.run(SETUP.format(src=SRC, backend=backend, mark=MARK), START_SLACK)
+        kernel.run(launcher.setup.format(cap=cap), START_SLACK)
+        for attempt in range(repeat):
+            raised = workdir / f"raised-{launcher.key}-{attempt}"
+            try:
+                out = kernel.run(f"measure(launch, {str(raised)!r})", cap + START_SLACK)
+            except TimeoutError:
+                result.over_cap = True
+                _log(f"{launcher.key}: no error within {cap + START_SLACK:g} s; {driver} killed")
+                break
+            line = [x for x in out.splitlines() if x.startswith(MARK)][-1]
+            reply = json.loads(line[len(MARK):])
+            result.kinds.add(reply["kind"])
+            if reply["arrived"] is None or not raised.exists():
+                result.failed = f"{reply['kind']} (rank 1 never raised)"
+                break
+            seconds = reply["arrived"] - float(raised.read_text())
+            if seconds > cap:
+                result.over_cap = True
+                break
+            result.seconds.append(seconds)
+            _log(f"{launcher.key}: {reply['kind']} after {seconds:.3f} s")
+    except (RuntimeError, TimeoutError) as error:
+        result.failed = str(error)[:200]
+        _log(f"{launcher.key}: {error}\n  kernel log: {log}")
+    finally:
+        kernel.close()
+    return result
+
+
+def table(results: dict[str, Result], backend: str, cap: float, driver: str) -> str:
+    where = "NCCL, 2 GPUs" if backend == "nccl" else f"Gloo, 2 CPU ranks, {os.cpu_count()} cores"
+    labels = {launcher.key: launcher.label for launcher in LAUNCHERS}
+    caller = "a Jupyter kernel" if driver == "kernel" else "a plain script"
+    lines = [
+        f"Fail-fast from {caller}: rank 1 raises while rank 0 waits in all_reduce ({where})",
+        "",
+        "| launcher | error in the caller | raise -> error, median (s) | all runs (s) |",
+        "| --- | --- | ---: | --- |",
+    ]
+    medians = {}
+    for key, result in results.items():
+        runs = ", ".join(f"{s:.3f}" for s in result.seconds)
+        if result.over_cap:
+            runs = (runs + ", " if runs else "") + f">{cap:g}"
+        if result.seconds and not result.over_cap:
+            medians[key] = statistics.median(result.seconds)
+            median = f"{medians[key]:.3f}"
+        else:
+            median = f">{cap:g}" if result.over_cap else "failed"
+        kinds = ", ".join(sorted(result.kinds)) or (result.failed or "-")
+        lines.append(f"| {labels[key]} | {kinds} | {median} | {runs or '-'} |")
+    if "ranks" in results and "accelerate" in results:
+        ours, theirs = medians.get("ranks"), medians.get("accelerate")
+        if ours and theirs:
+            digits = 1 if theirs >= ours else 2
+            lines += ["", f"ratio notebook_launcher / ranks.run: {theirs / ours:.{digits}f}x"]
+        elif ours and results["accelerate"].over_cap:
+            lines += ["", f"ratio notebook_launcher / ranks.run: >{cap / ours:.1f}x"]
+    return "\n".join(lines)
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=3, help="measurements per launcher")
+    parser.add_argument("--cap", type=float, default=120.0,
+                        help="seconds one measurement may take before it counts as '>cap'")
+    parser.add_argument("--launchers", default="ranks,accelerate")
+    parser.add_argument("--driver", choices=("kernel", "script"), default=_default_driver(),
+                        help="run the launches in a real ipykernel (default where"
+                             " jupyter_client is installed) or in a plain script")
+    options = parser.parse_args()
+    backend = detect_backend()
+    chosen = [lc for lc in LAUNCHERS if lc.key in options.launchers.split(",")]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="failfast-") as workdir:
+        for launcher in chosen:
+            results[launcher.key] = bench(launcher, backend, options.repeat, options.cap,
+                                          Path(workdir), options.driver)
+    print(table(results, backend, options.cap, options.driver))
+
+
+def _default_driver() -> str:
+    import importlib.util
+
+    return "kernel" if importlib.util.find_spec("jupyter_client") else "script"
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    main()
+    print(f"({time.monotonic() - started:.0f} s)")
