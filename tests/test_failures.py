@@ -78,7 +78,8 @@ def check(facts: dict[str, Any], where: str, how: str) -> None:
         assert "Segmentation fault" in last_lines, facts  # the rank's fault handler
     else:
         assert facts["exitcode"] == -signal.SIGKILL and facts["signal_name"] == "SIGKILL", facts
-    assert "this World is broken" in notes, facts
+    # ranks.run's World is its own: the user has none to restart, so nothing says so.
+    assert "World is broken" not in notes, facts
 
 
 @pytest.mark.timeout(60)

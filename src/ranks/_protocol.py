@@ -10,6 +10,7 @@ The user's NCCL/Gloo traffic never uses this channel, and the ranks' output has 
       | <------------- Ready (pid, device) --- |   (after torch.distributed, if asked)
       | -- Call (run | exec | push | pull) --> |
       | <------------------ Done | Failed ---- |   (one per Call)
+      | <------------------------ Interrupted -- |   SIGINT reached Python on the rank
       | -- Close ----------------------------> |   rank cleans up and exits
 """
 
@@ -71,11 +72,22 @@ class Failed:
 
 
 @dataclass(frozen=True)
+class Interrupted:
+    """The kernel's SIGINT reached Python on the rank: it will answer (or is idle).
+
+    Without it the kernel cannot tell a rank that is running its ``finally`` blocks from one
+    blocked in C code (a collective), which no SIGINT will ever reach.
+    """
+
+    in_user_code: bool  # True: KeyboardInterrupt was raised there; False: ours will answer
+
+
+@dataclass(frozen=True)
 class Close:
     pass
 
 
-Message = Init | Ready | Call | Done | Failed | Close
+Message = Init | Ready | Call | Done | Failed | Interrupted | Close
 
 
 def send(conn: Connection, message: Message) -> None:

@@ -37,15 +37,21 @@ from . import _notebook, _protocol
 from ._errors import RankCrashed, RanksTimeout
 from ._output import OutputRouter, Sink, TerminalSink, new_log_dir
 from ._placement import RankSpec
-from ._protocol import Call, CallKind, Close, Done, Failed, Init, Ready
+from ._protocol import Call, CallKind, Close, Done, Failed, Init, Interrupted, Ready
 from ._spawn import RankProcess
 from ._template import launch_rank
 
 log = logging.getLogger("ranks")
 
-# Seconds a rank gets at each step of being stopped; short, because a rank that does not
-# answer SIGINT is almost always blocked in a collective and will never answer it.
+# Seconds a rank gets at each step of being stopped. After SIGINT, a rank whose Python
+# code runs the handler says so at once (Interrupted); one that does not is blocked in C
+# code, almost always a collective that will never return, and gets SIGTERM after
+# INTERRUPT_GRACE, or after FAILURE_INTERRUPT_GRACE when a peer's failure is why it is
+# stopped (then speed matters most: the cell waits for it). A rank that took the interrupt
+# gets RESPOND_GRACE to run its `finally` blocks and answer.
 INTERRUPT_GRACE = 1.0
+FAILURE_INTERRUPT_GRACE = 0.2
+RESPOND_GRACE = 5.0
 TERMINATE_GRACE = 1.0
 KILL_GRACE = 5.0
 CLOSE_GRACE = 10.0  # a clean Close destroys process groups and flushes; give it time
@@ -63,6 +69,9 @@ _ESCALATION = (
     (signal.SIGKILL, KILL_GRACE),
 )
 _READ_CHUNK = 1 << 16
+# Chunks read from one pipe per wake-up: a rank that writes faster than the kernel routes
+# must not keep the kernel in one read loop, away from deadlines and the other ranks.
+_READS_PER_WAKE = 16
 
 
 @dataclass
@@ -126,7 +135,7 @@ class Supervisor:
         if self._closed:
             return
         self._closed = True
-        self._drain_to_log()
+        self._drain()  # no call is bound: what ranks wrote since the last one, to the logs
         self.router.begin_call(self._shown)
         live = [p for p in self._procs.values() if p.alive]
         for proc in live:
@@ -190,7 +199,7 @@ class Supervisor:
         """
         started = time.monotonic() if started is None else started
         call_id = next(self._call_ids)
-        self._drain_to_log()
+        self._drain()  # no call is bound: what ranks wrote since the last one, to the logs
         self._shown = shown
         self.router.begin_call(shown)
         try:
@@ -235,8 +244,10 @@ class Supervisor:
                 interrupted = True
                 continue
             if any(not o.ok and o.stopped_by is None for o in outcomes.values()):
-                self._escalate(pending)  # one rank failed: stop the others at once
+                # One rank failed: stop the others at once.
+                self._escalate(pending, interrupt_grace=FAILURE_INTERRUPT_GRACE)
         self._escalating.clear()
+        self._drain()  # all that was written before the call ended is the call's (the cell's)
         self.router.flush()
         return WaitResult(outcomes, interrupted, timed_out)
 
@@ -291,18 +302,20 @@ class Supervisor:
                 self._escalating.pop(proc.spec.rank, None)
         self.router.flush()
 
-    def _drain_to_log(self) -> None:
-        """What ranks printed since the last call (or close) began belongs to no cell.
+    def _drain(self) -> None:
+        """Read whatever the ranks wrote so far, without waiting, to where the router is bound.
 
-        Called with no call bound, so it goes into the logs only, also when a background
-        thread of a rank wrote it and the next cell runs a call, or closes the World.
+        Output belongs to a call by when it was written. At the end of a wait, what is still
+        unread (a pump cut short by an interrupt, say) goes to the call's cell. Before the
+        next call or a close, no call is bound: what a rank wrote in between (a background
+        thread) goes to the logs only, never into the cell that happens to run next.
         """
         for proc in self._procs.values():
             for fd in list(proc.output):
                 self._read_output(proc, fd)
 
     def _read_output(self, proc: RankProcess, fd: int) -> None:
-        while True:
+        for _ in range(_READS_PER_WAKE):
             try:
                 data = os.read(fd, _READ_CHUNK)
             except BlockingIOError:
@@ -333,6 +346,9 @@ class Supervisor:
         try:
             while proc.conn.poll():
                 message = _protocol.recv(proc.conn)
+                if isinstance(message, Interrupted):
+                    self._responding(rank, message.in_user_code)
+                    continue
                 if expect is None or rank not in pending:
                     continue
                 kind, call_id = expect
@@ -368,7 +384,9 @@ class Supervisor:
 
     # --- stopping ----------------------------------------------------------------------
 
-    def _escalate(self, ranks: Iterable[int], first_step: int = 0) -> None:
+    def _escalate(
+        self, ranks: Iterable[int], first_step: int = 0, interrupt_grace: float = INTERRUPT_GRACE
+    ) -> None:
         """Start (or speed up) stopping these ranks, beginning at ``_ESCALATION[first_step]``."""
         now = time.monotonic()
         for rank in ranks:
@@ -376,6 +394,19 @@ class Supervisor:
             if rank in self._escalating and step > first_step:
                 continue  # already further along
             self._send_step(rank, first_step, now)
+            if first_step == 0:
+                self._escalating[rank] = (1, now + interrupt_grace)
+
+    def _responding(self, rank: int, in_user_code: bool) -> None:
+        """The rank took our SIGINT: give it time to run the user's cleanup and answer.
+
+        Taken outside the user's code (the rank is formatting an error, idle), ranks' own
+        code answers by itself: the usual grace is enough.
+        """
+        step, _ = self._escalating.get(rank, (0, 0.0))
+        if step == 1:  # SIGINT was the last step sent
+            grace = RESPOND_GRACE if in_user_code else INTERRUPT_GRACE
+            self._escalating[rank] = (1, time.monotonic() + grace)
 
     def _advance_escalation(
         self, now: float, pending: set[int], outcomes: dict[int, Outcome]

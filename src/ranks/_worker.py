@@ -31,12 +31,13 @@ import threading
 import time
 import traceback
 import types
-from multiprocessing.connection import Connection
+from collections.abc import Iterator
+from multiprocessing.connection import Connection, wait
 from types import TracebackType
 from typing import Any, NoReturn
 
 from . import _context, _protocol, _serialize
-from ._protocol import Call, CallKind, Close, Done, Failed, Init, Ready
+from ._protocol import Call, CallKind, Close, Done, Failed, Init, Interrupted, Ready
 
 
 def main(argv: list[str]) -> None:
@@ -67,6 +68,9 @@ def main(argv: list[str]) -> None:
     # Before Ready: from then on the kernel may send SIGINT at any moment (a peer failed,
     # the kernel was interrupted), and Python's default handler would kill a rank that is
     # not yet in _serve with a KeyboardInterrupt traceback.
+    global _interrupt_taken
+    _interrupt_taken = os.pipe()
+    os.set_blocking(_interrupt_taken[1], False)
     signal.signal(signal.SIGINT, _on_interrupt)
     _protocol.send(conn, Ready(os.getpid()))
 
@@ -176,7 +180,14 @@ def _tear_down() -> None:
 
 
 def _read_commands(conn: Connection, commands: queue.Queue[_protocol.Message]) -> None:
+    """The control thread: commands in for the main thread, interrupt receipts out."""
     while True:
+        ready = wait([conn, _interrupt_taken[0]])
+        if _interrupt_taken[0] in ready:
+            taken = os.read(_interrupt_taken[0], 64)
+            _send(conn, Interrupted(in_user_code=b"u" in taken))
+        if conn not in ready:
+            continue
         try:
             message = _protocol.recv(conn)
         except (EOFError, OSError):
@@ -189,6 +200,15 @@ def _read_commands(conn: Connection, commands: queue.Queue[_protocol.Message]) -
             return
 
 
+_send_lock = threading.Lock()
+
+
+def _send(conn: Connection, message: _protocol.Message) -> None:
+    """Send from either thread; a frame is never interleaved with another."""
+    with _send_lock:
+        _protocol.send(conn, message)
+
+
 def _serve(conn: Connection, commands: queue.Queue[_protocol.Message]) -> None:
     namespace = sys.modules["__main__"].__dict__
     while True:
@@ -198,37 +218,57 @@ def _serve(conn: Connection, commands: queue.Queue[_protocol.Message]) -> None:
         assert isinstance(message, Call), message
         reply = _execute(message, namespace)
         _flush_all()
-        _protocol.send(conn, reply)
+        _send(conn, reply)
 
 
 _in_user_code = False
+# Written by the SIGINT handler, read by the control thread, which tells the kernel. A pipe:
+# the handler runs in the main thread, possibly inside _send, so it must not take the lock.
+# Made by main(), not at import.
+_interrupt_taken: tuple[int, int] = (-1, -1)
 
 
 def _on_interrupt(signum: int, frame: Any) -> None:
-    # The kernel forwards an interrupt as SIGINT. It must stop the user's code and nothing
-    # else: raised while a reply is being framed it would corrupt the channel, and raised
-    # while idle there is nothing to stop.
+    # The kernel forwards an interrupt as SIGINT. That this handler runs at all proves the
+    # main thread is not stuck in C code, so the kernel hears about it and waits for the
+    # answer. It must stop the user's code and nothing else: raised while a reply is being
+    # framed it would corrupt the channel, and raised while idle there is nothing to stop.
+    with contextlib.suppress(OSError):
+        os.write(_interrupt_taken[1], b"u" if _in_user_code else b"o")
     if _in_user_code:
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _user_code() -> Iterator[None]:
+    """While the user's code runs (also inside pickle: __reduce__, __setstate__), SIGINT
+    raises KeyboardInterrupt. Cleared before any failure is reported: when this rank and a
+    peer fail together, the kernel's SIGINT (meant for the peer's echo) must not land in the
+    formatting of our own error, escape _serve and kill the rank."""
+    global _in_user_code
+    _in_user_code = True
+    try:
+        yield
+    finally:
+        _in_user_code = False
 
 
 def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
     linecache.cache.update(call.cells)
     try:
-        if call.kind is CallKind.RUN:
-            fn, args, kwargs = _serialize.loads(call.payload)
-        elif call.kind is CallKind.PUSH:
-            values = _serialize.loads(call.payload)
-        elif call.kind is CallKind.EXEC:
-            source, filename = _serialize.loads(call.payload)
-            code = compile(source, filename, "exec")
+        with _user_code():
+            if call.kind is CallKind.RUN:
+                fn, args, kwargs = _serialize.loads(call.payload)
+            elif call.kind is CallKind.PUSH:
+                values = _serialize.loads(call.payload)
+            elif call.kind is CallKind.EXEC:
+                source, filename = _serialize.loads(call.payload)
+                code = compile(source, filename, "exec")
     except BaseException as error:
         return _failure(call.call_id, error, "loading what the kernel sent", skip=0)
 
-    global _in_user_code
     try:
-        try:
-            _in_user_code = True
+        with _user_code():
             if call.kind is CallKind.RUN:
                 _fill_missing_globals(fn, namespace)
                 result = fn(*args, **kwargs)
@@ -241,19 +281,16 @@ def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
                 result = None
             else:
                 result = _pull(namespace, _serialize.loads(call.payload))
-        finally:
-            # Cleared before _failure runs: when this rank and a peer raise together, the
-            # kernel's SIGINT (meant to stop the peer's echo) would otherwise land in the
-            # formatting of our own error, escape _serve and kill the rank (World broken).
-            _in_user_code = False
     except BaseException as error:
         # skip=1 drops this frame: the traceback starts in the user's code.
         return _failure(call.call_id, error, "running the function", skip=1)
 
     try:
-        return Done(call.call_id, _serialize.dumps(result))
+        with _user_code():
+            payload = _serialize.dumps(result)
     except BaseException as error:
         return _failure(call.call_id, error, "sending the result to the kernel", skip=0)
+    return Done(call.call_id, payload)
 
 
 def _fill_missing_globals(fn: Any, namespace: dict[str, Any]) -> None:

@@ -60,6 +60,8 @@ class World:
     Results that hold CUDA tensors arrive in the kernel as CPU tensors.
     """
 
+    _one_shot = False
+
     def __init__(
         self,
         n: int | None = None,
@@ -79,6 +81,7 @@ class World:
         timeout: float | None,
     ) -> World:
         world = cls.__new__(cls)
+        world._one_shot = True  # ranks.run's own: the user never sees this World
         world._start(specs, torch_dist, extra_env, timeout)
         return world
 
@@ -257,7 +260,7 @@ class World:
             error = KeyboardInterrupt()
             if dead:
                 add_note(error, f"ranks: ranks {dead} did not stop in time and were killed")
-        if error is not None and dead:
+        if error is not None and dead and not self._one_shot:
             # Said by whichever error the cell shows: a timeout or an interrupt that had to
             # kill, as much as a crash, leaves the World unusable.
             add_note(error, "ranks: this World is broken; start a new one (or `%ranks restart`)")
