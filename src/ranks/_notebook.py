@@ -57,8 +57,8 @@ class NotebookSink:
     """Output into the calling cell: stream lines, plus one live display per progress bar.
 
     A line redrawn with carriage returns (tqdm) becomes a display that is updated in place
-    (at most every PROGRESS_INTERVAL seconds, and always with its final state), instead of
-    one stream line per redraw.
+    (at most every PROGRESS_INTERVAL seconds and never more than that behind: the supervisor
+    wakes at ``due()``; always with its final state), instead of one stream line per redraw.
     """
 
     PROGRESS_INTERVAL = 0.1

@@ -1,0 +1,485 @@
+"""The warm template (``ranks._template``), watched from outside a real Jupyter kernel.
+
+The template is what makes a launch as quick as a fork of the kernel without being one: a
+*spawned* interpreter that imports torch and the notebook's modules once, then forks each
+rank. These tests pin what makes that safe and invisible to the notebook:
+
+* it is never a fork of the kernel, and never initialises CUDA (a kernel that did, here
+  simulated, breaks ``accelerate.notebook_launcher`` but not ``ranks``);
+* it starts on first use (never at ``import ranks``), one per kernel;
+* it follows the kernel: ``sys.path``, working directory, environment, and the modules the
+  notebook imports later;
+* it dies with the kernel, and leaves nothing after a shutdown;
+* a module that starts a thread when imported is left out of it (fork from a threaded
+  process is unsafe), with a warning, and runs still work;
+* ``RANKS_START_METHOD=spawn`` does without it, with the same results.
+
+Processes are inspected from here (psutil), not from inside the kernel, so that the
+inspection itself adds nothing to the kernel. Most tests need a kernel of their own, as
+the template is a per-kernel, long-lived thing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from kernel import KERNEL_PIDS, Kernel
+
+
+@pytest.fixture(scope="module", autouse=True)
+def template_start_method() -> Iterator[None]:
+    """Kernels here start with the template, also in the suite's RANKS_START_METHOD=spawn pass.
+
+    Module-scoped and autouse, so it is in place before the module's ``kernel`` starts.
+    """
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RANKS_START_METHOD", "template")
+        yield
+
+
+DEATH_DEADLINE = 2.0  # seconds for the template and ranks to follow a killed kernel
+EXIT_DEADLINE = 10.0  # seconds for an old template to leave once its ranks are gone
+
+
+def cell(kernel: Kernel, code: str, timeout: float = 60.0) -> None:
+    kernel.ok(textwrap.dedent(code), timeout)
+
+
+def templates(kernel_pid: int) -> list[psutil.Process]:
+    """The kernel's direct children that run the template's entry point."""
+    found = []
+    for child in psutil.Process(kernel_pid).children():
+        try:
+            if "ranks._template" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def the_template(kernel_pid: int) -> psutil.Process:
+    found = templates(kernel_pid)
+    assert len(found) == 1, f"expected one template child of the kernel, found {found}"
+    return found[0]
+
+
+def wait_for(condition: Any, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie waiting for its reaper counts as gone: it runs nothing)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def rank_parents(kernel: Kernel, n: int = 2) -> list[tuple[int, int]]:
+    """(pid, parent pid) of each rank of a fresh ranks.run."""
+    return [tuple(p) for p in
+            kernel.value(f"ranks.run(lambda: (os.getpid(), os.getppid()), n={n})")]
+
+
+# --- what the template is -------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_template_is_a_fresh_interpreter_and_ranks_are_its_children(kernel: Kernel) -> None:
+    cell(kernel, "import os, ranks")
+    ranks_and_parents = rank_parents(kernel)
+    template = the_template(kernel.pid)
+    # Spawned by the kernel, as `python -c <boot> ...`: a fork of the kernel would run the
+    # kernel's own command line (`-m ipykernel_launcher -f ...`).
+    assert template.ppid() == kernel.pid
+    cmdline = template.cmdline()
+    assert cmdline[0] == sys.executable and cmdline[1] == "-c", cmdline
+    assert "ranks._template" in cmdline[2] and "serve" in cmdline[2], cmdline
+    assert "ipykernel" not in " ".join(cmdline), cmdline
+    assert template.create_time() >= psutil.Process(kernel.pid).create_time()
+    # Every rank was forked from the template, none from the kernel.
+    assert {parent for _, parent in ranks_and_parents} == {template.pid}
+    # The template outlives the call; the ranks do not.
+    assert wait_for(lambda: all(gone(pid) for pid, _ in ranks_and_parents), 5.0)
+    assert not template.children()
+
+
+SIMULATE_CUDA = """
+    import torch, ranks
+    torch.cuda._initialized = True
+    assert torch.cuda.is_initialized()
+
+    def needs_clean_cuda():
+        if torch.cuda.is_initialized():
+            raise RuntimeError("this process inherited the kernel's CUDA state")
+        return "clean"
+"""
+
+
+@pytest.mark.timeout(90)
+def test_template_never_initialises_cuda(fresh_kernel: Kernel) -> None:
+    """Ranks of a kernel that touched CUDA start without CUDA state, as a spawn would.
+
+    Setting ``torch.cuda._initialized`` simulates, on a machine without a GPU, a kernel in
+    which a cell (or an import) initialised CUDA. A fork of such a kernel inherits it; on a
+    GPU it then fails at its first CUDA call ("Cannot re-initialize CUDA in forked
+    subprocess").
+    """
+    cell(fresh_kernel, SIMULATE_CUDA)
+    cell(fresh_kernel, """
+        on_ranks = ranks.run(lambda: torch.cuda.is_initialized(), n=2)
+        with ranks.World(n=2) as world:
+            in_world = world.run(needs_clean_cuda)
+        # The template itself was checked when it started; so was a fork of it.
+        template_report = ranks._template._template.report
+    """)
+    assert fresh_kernel.value("on_ranks, in_world") == ([False, False], ["clean", "clean"])
+    assert fresh_kernel.value("template_report.get('poisoned') is None") is True
+
+
+@pytest.mark.timeout(120)
+def test_notebook_launcher_fails_in_the_same_kernel(fresh_kernel: Kernel) -> None:
+    """The contrast: accelerate's notebook_launcher forks the kernel, and inherits it."""
+    pytest.importorskip("accelerate")  # not a test dependency; installed where benchmarked
+    cell(fresh_kernel, SIMULATE_CUDA)
+    cell(fresh_kernel, f"""
+        from accelerate import notebook_launcher
+
+        clean_on_ranks = ranks.run(needs_clean_cuda, n=2)
+        try:
+            # num_processes > 1: torch elastic with start_method="fork".
+            notebook_launcher(needs_clean_cuda, num_processes=2, use_port="{_free_port()}")
+        except Exception as error:
+            launcher_error = f"{{type(error).__name__}}: {{error}}"
+        else:
+            launcher_error = None
+    """, timeout=90)
+    assert fresh_kernel.value("clean_on_ranks") == ["clean", "clean"]
+    launcher_error = fresh_kernel.value("launcher_error")
+    assert launcher_error is not None, "notebook_launcher ran in a kernel that touched CUDA"
+    assert launcher_error.startswith("ChildFailedError"), launcher_error
+    assert "inherited the kernel's CUDA state" in launcher_error, launcher_error
+
+
+# --- when it exists -----------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_template_starts_on_first_use_and_is_one_per_kernel(fresh_kernel: Kernel) -> None:
+    cell(fresh_kernel, "import os, time, ranks")
+    time.sleep(0.5)  # anything started at import would be there by now
+    assert templates(fresh_kernel.pid) == [], "import ranks started a template"
+
+    first = rank_parents(fresh_kernel, 1)
+    template = the_template(fresh_kernel.pid)
+    assert first[0][1] == template.pid
+
+    cell(fresh_kernel, """
+        ranks.run(lambda: 1, n=2)
+        with ranks.World(n=2) as w1:
+            w1.run(lambda: 2)
+            w2 = ranks.World(n=1)
+            w2.run(lambda: 3)
+            w2.close()
+        ranks.run(lambda: 4, n=1)
+        w3 = ranks.World(n=2)
+        parents = w3.run(os.getppid)
+    """)
+    assert fresh_kernel.value("parents") == [template.pid, template.pid]
+    assert [t.pid for t in templates(fresh_kernel.pid)] == [template.pid]
+    cell(fresh_kernel, "w3.close()")
+
+
+# --- it follows the kernel -----------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_template_follows_the_kernel(tmp_path: Path) -> None:
+    """What the kernel changes after the template started reaches the ranks forked later."""
+    workdir = tmp_path / "nb"
+    workdir.mkdir()
+    (workdir / "late_module.py").write_text("VALUE = 'late'\n")
+    (workdir / "never_imported.py").write_text("VALUE = 'never'\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    kernel = Kernel(str(workdir), env={"RANKS_TEST_GONE": "1"})
+    try:
+        cell(kernel, "import os, sys, ranks\nranks.run(lambda: 0, n=1)")
+        template = the_template(kernel.pid)
+        cell(kernel, """
+            import late_module  # after the template started, from the kernel's folder
+            # The function names neither module: only a preload can have imported them.
+            preloaded = ranks.run(
+                lambda: ("late_module" in sys.modules, "never_imported" in sys.modules), n=2)
+        """)
+        assert [tuple(p) for p in kernel.value("preloaded")] == [(True, False)] * 2
+        cell(kernel, f"""
+            sys.path.append({str(tmp_path)!r})
+            os.chdir({str(elsewhere)!r})
+            os.environ["RANKS_TEST_LATE"] = "1"
+            del os.environ["RANKS_TEST_GONE"]
+            seen = ranks.run(lambda: (
+                {str(tmp_path)!r} in sys.path,
+                os.getcwd(),
+                os.environ.get("RANKS_TEST_LATE"),
+                os.environ.get("RANKS_TEST_GONE"),
+                "late_module" in sys.modules,  # preloaded already: a chdir does not undo it
+            ), n=2)
+            parents = ranks.run(os.getppid, n=2)
+        """)
+        expected = (True, str(elsewhere), "1", None, True)
+        assert [tuple(s) for s in kernel.value("seen")] == [expected, expected]
+        # The same template did it: it followed, rather than being replaced.
+        assert kernel.value("parents") == [template.pid, template.pid]
+        assert [t.pid for t in templates(kernel.pid)] == [template.pid]
+    finally:
+        kernel.shutdown()
+
+
+@pytest.mark.timeout(90)
+def test_preload_imports_the_module_the_kernel_imported(tmp_path: Path) -> None:
+    """Two folders hold a ``helpers.py``; the kernel moves to the second and imports it.
+
+    The template, started in the first folder, must preload the kernel's ``helpers`` (or
+    none): a rank that found the other one already imported would run the wrong code.
+    """
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder in (first, second):
+        folder.mkdir()
+        (folder / "helpers.py").write_text(f"WHERE = {folder.name!r}\n")
+    kernel = Kernel(str(first))
+    try:
+        cell(kernel, f"""
+            import os, sys, ranks
+            ranks.run(lambda: 0, n=1)
+            os.chdir({str(second)!r})
+            import helpers
+            where = ranks.run(lambda: sys.modules["helpers"].WHERE, n=2)
+            # Naming the module: it travels by reference, and the rank imports it by name.
+            by_name = ranks.run(lambda: helpers.WHERE, n=2)
+        """)
+        assert kernel.value("helpers.WHERE") == "second"
+        assert kernel.value("where, by_name") == (["second"] * 2, ["second"] * 2)
+    finally:
+        kernel.shutdown()
+
+
+# --- it dies with the kernel ------------------------------------------------------------
+
+
+def _open_world(kernel: Kernel) -> tuple[psutil.Process, list[int]]:
+    cell(kernel, "import os, ranks\nw = ranks.World(n=2)")
+    rank_pids = kernel.value("w.run(os.getpid)")
+    template = the_template(kernel.pid)
+    assert {p.pid for p in template.children()} == set(rank_pids)
+    return template, rank_pids
+
+
+@pytest.mark.timeout(90)
+def test_template_and_ranks_die_with_a_killed_kernel(fresh_kernel: Kernel) -> None:
+    template, rank_pids = _open_world(fresh_kernel)
+    kernel_pid = fresh_kernel.pid
+    killed = time.monotonic()
+    os.kill(kernel_pid, signal.SIGKILL)
+    followed = wait_for(lambda: all(gone(pid) for pid in [template.pid, *rank_pids]),
+                        DEATH_DEADLINE)
+    took = time.monotonic() - killed
+    fresh_kernel.client.stop_channels()
+    fresh_kernel.manager.shutdown_kernel(now=True)  # reaps the killed kernel
+    KERNEL_PIDS.discard(kernel_pid)
+    assert followed, (f"still running {DEATH_DEADLINE} s after the kernel was killed: "
+                      f"{[p for p in [template.pid, *rank_pids] if not gone(p)]}")
+    assert took < DEATH_DEADLINE
+
+
+@pytest.mark.timeout(90)
+def test_kernel_shutdown_leaves_nothing(fresh_kernel: Kernel) -> None:
+    template, rank_pids = _open_world(fresh_kernel)  # the World is left open on purpose
+    fresh_kernel.shutdown()
+    assert wait_for(lambda: all(gone(pid) for pid in [template.pid, *rank_pids]), 5.0), (
+        f"left running after shutdown: {[p for p in [template.pid, *rank_pids] if not gone(p)]}")
+
+
+@pytest.mark.timeout(90)
+def test_template_started_from_a_thread_outlives_the_thread(fresh_kernel: Kernel) -> None:
+    """The template belongs to the kernel, not to the thread that first used ranks.
+
+    Linux's parent-death signal fires when the *thread* that started a process exits
+    (prctl(2)); ``ranks.run`` called from a short-lived thread must not take the template,
+    and the Worlds forked from it, along when that thread ends.
+    """
+    cell(fresh_kernel, """
+        import os, threading, ranks
+        first = []
+        worker = threading.Thread(target=lambda: first.append(ranks.run(os.getppid, n=1)))
+        worker.start()
+        worker.join()
+        w = ranks.World(n=1)
+        w_parent = w.run(os.getppid)
+    """)
+    template = the_template(fresh_kernel.pid)
+    assert fresh_kernel.value("first") == [[template.pid]]
+    assert fresh_kernel.value("w_parent") == [template.pid]
+    time.sleep(0.5)
+    assert fresh_kernel.value("w.run(os.getppid)") == [template.pid]
+    assert not gone(template.pid)
+    cell(fresh_kernel, "w.close()")
+
+
+# --- what it will not preload -----------------------------------------------------------
+
+
+THREADED_MODULE = """
+import threading
+import time
+
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+VALUE = 42
+"""
+
+CAPTURE_LOG = """
+import logging
+
+class _Keep(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+kept = _Keep()
+logging.getLogger("ranks").addHandler(kept)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("imported", ["before", "after"])
+def test_module_that_starts_a_thread_is_left_out(fresh_kernel: Kernel, imported: str) -> None:
+    """Imported before the template starts, or after (then it poisons a running template)."""
+    (fresh_kernel.workdir / "threaded_module.py").write_text(THREADED_MODULE)  # type: ignore[attr-defined]
+    cell(fresh_kernel, "import os, sys, threading, ranks\n" + CAPTURE_LOG)
+    if imported == "before":
+        cell(fresh_kernel, "import threaded_module")
+    else:
+        cell(fresh_kernel, "ranks.run(lambda: 0, n=1)")
+        first_template = the_template(fresh_kernel.pid).pid
+        cell(fresh_kernel, "import threaded_module")
+    cell(fresh_kernel, """
+        preloaded = ranks.run(lambda: "threaded_module" in sys.modules, n=2)
+        # Naming it, the function imports it on the rank: the module still works there.
+        values = ranks.run(lambda: threaded_module.VALUE, n=2)
+        parents = ranks.run(os.getppid, n=2)
+    """, timeout=90)
+    assert fresh_kernel.value("preloaded") == [False, False]
+    assert fresh_kernel.value("values") == [42, 42]
+    messages = fresh_kernel.value("kept.messages")
+    assert any("threaded_module" in m and "thread" in m for m in messages), messages
+    # Ranks still come from a template (a new one, without the module), not by spawn.
+    assert wait_for(lambda: len(templates(fresh_kernel.pid)) == 1, EXIT_DEADLINE)
+    template = the_template(fresh_kernel.pid)
+    assert fresh_kernel.value("parents") == [template.pid, template.pid]
+    if imported == "after":
+        assert template.pid != first_template
+
+
+# --- RANKS_START_METHOD=spawn ------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_spawn_start_method_has_no_template(tmp_path: Path) -> None:
+    kernel = Kernel(str(tmp_path), env={"RANKS_START_METHOD": "spawn"})
+    try:
+        cell(kernel, "import os, ranks\nw = ranks.World(n=2)")
+        parents = rank_parents(kernel) + [tuple(p) for p in kernel.value(
+            "w.run(lambda: (os.getpid(), os.getppid()))")]
+        assert {parent for _, parent in parents} == {kernel.pid}
+        assert templates(kernel.pid) == []
+        cell(kernel, "w.close()")
+    finally:
+        kernel.shutdown()
+
+
+BASIC_CALLS = """
+import os, ranks
+
+offset = 10
+
+def make_adder(k):
+    def add(x):
+        return x + k + offset
+    return add
+
+class NotebookError(ValueError):
+    pass
+
+def fails(rank_to_fail):
+    if ranks.current().rank == rank_to_fail:
+        raise NotebookError(f"rank {rank_to_fail} failed")
+    return "ok"
+
+def basic_calls():
+    out = {}
+    out["lambda"] = ranks.run(lambda a, b=0: (a + b, ranks.current().rank), args=(1,),
+                              kwargs={"b": 2}, n=2)
+    out["closure"] = ranks.run(make_adder(5), args=(1,), n=2)
+    out["environment"] = ranks.run(
+        lambda: (os.environ["RANK"], os.environ["WORLD_SIZE"], os.getcwd()), n=2)
+    for name, error_type in [("builtin error", KeyError), ("notebook error", NotebookError)]:
+        try:
+            if error_type is KeyError:
+                ranks.run(lambda: {}["missing"], n=2)
+            else:
+                ranks.run(fails, args=(1,), n=2)
+        except Exception as error:
+            out[name] = (type(error) is error_type, type(error).__name__, str(error))
+    with ranks.World(n=2) as world:
+        world.exec("import ranks; x = ranks.current().rank * 2")
+        out["world"] = world.pull("x")
+    return out
+"""
+
+
+@pytest.mark.timeout(120)
+def test_template_and_spawn_give_the_same_results(tmp_path: Path) -> None:
+    kernel = Kernel(str(tmp_path), env={"RANKS_START_METHOD": "spawn"})
+    try:
+        cell(kernel, BASIC_CALLS)
+        cell(kernel, "spawned = basic_calls()", timeout=90)
+        assert templates(kernel.pid) == []
+        cell(kernel, """
+            os.environ["RANKS_START_METHOD"] = "template"
+            templated = basic_calls()
+        """, timeout=90)
+        assert len(templates(kernel.pid)) == 1
+        spawned, templated = kernel.value("spawned"), kernel.value("templated")
+        assert spawned == templated
+        assert spawned["lambda"] == [(3, 0), (3, 1)]
+        assert spawned["closure"] == [16, 16]
+        assert spawned["notebook error"][:2] == (True, "NotebookError")
+        assert spawned["builtin error"][:2] == (True, "KeyError")
+        assert spawned["world"] == [0, 2]
+    finally:
+        kernel.shutdown()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
