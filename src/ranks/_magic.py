@@ -170,6 +170,11 @@ def register(shell: Any) -> None:
     _magics = RanksMagics(shell)
     shell.register_magic_function(_magics.line, "line", "ranks")
     shell.register_magic_function(_magics.cell, "cell", "ranks")
+    # The warm template imports torch in the background while the user writes the next
+    # cell, so the first launch does not pay for it.
+    from ._template import prestart
+
+    prestart()
 
 
 def unregister(shell: Any) -> None:

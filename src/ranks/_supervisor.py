@@ -28,8 +28,9 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
@@ -111,6 +112,10 @@ class Supervisor:
         self._shown: Callable[[int], bool] = lambda rank: True
         self.router = OutputRouter(new_log_dir(), _make_sink)
         self._tmpdir = tempfile.mkdtemp(prefix="ranks-")
+        self._interrupt_pipe = os.pipe()  # see _interrupts_as_messages
+        for fd in self._interrupt_pipe:
+            os.set_blocking(fd, False)
+        self._interrupts_seen = 0
         self._closed = False
 
     # --- life cycle -------------------------------------------------------------------
@@ -143,13 +148,21 @@ class Supervisor:
                 _protocol.send(proc.conn, Close())
         deadline = time.monotonic() + CLOSE_GRACE
         waiting = {p.spec.rank for p in live}
-        while waiting:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 and not self._escalating:
-                log.info("ranks %s did not exit %.0f s after Close; terminating them",
-                         sorted(waiting), CLOSE_GRACE)
-                self._escalate(waiting, first_step=1)
-            self._pump(waiting, None, deadline, {})
+        with self._interrupts_as_messages():
+            while waiting:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 and not self._escalating:
+                    log.info("ranks %s did not exit %.0f s after Close; terminating them",
+                             sorted(waiting), CLOSE_GRACE)
+                    self._escalate(waiting, first_step=1)
+                try:
+                    self._pump(waiting, None, deadline, {})
+                except KeyboardInterrupt:  # where our handler could not be installed
+                    self._interrupts_seen += 1
+                if self._interrupts_seen:
+                    # Interrupted while closing: no more patience, but still no leftovers.
+                    self._interrupts_seen = 0
+                    self._escalate(waiting, first_step=2)
         for proc in self._procs.values():
             proc.signal_group(signal.SIGKILL)  # children a rank left behind (it has exited)
             for fd in list(proc.output):
@@ -158,6 +171,8 @@ class Supervisor:
         self.router.end_call()
         self.router.close()
         shutil.rmtree(self._tmpdir, ignore_errors=True)
+        for fd in self._interrupt_pipe:
+            os.close(fd)
 
     def kill(self) -> None:
         """Stop now: SIGKILL every rank's process group, then release like close()."""
@@ -231,25 +246,56 @@ class Supervisor:
         interrupted = False
         timed_out: RanksTimeout | None = None
         self._signalled.clear()
-        while pending:
-            if deadline is not None and timed_out is None and time.monotonic() >= deadline:
-                timed_out = self._time_out(pending, timeout or 0.0)
-                self._escalate(pending)
-            try:
-                self._pump(pending, (expect, call_id), None if timed_out else deadline,
-                           outcomes, during)
-            except KeyboardInterrupt:
-                # First interrupt: stop the ranks gently. Second: kill them now.
-                self._escalate(pending, first_step=2 if interrupted else 0)
-                interrupted = True
-                continue
-            if any(not o.ok and o.stopped_by is None for o in outcomes.values()):
-                # One rank failed: stop the others at once.
-                self._escalate(pending, interrupt_grace=FAILURE_INTERRUPT_GRACE)
+        with self._interrupts_as_messages():
+            while pending:
+                if deadline is not None and timed_out is None and time.monotonic() >= deadline:
+                    timed_out = self._time_out(pending, timeout or 0.0)
+                    self._escalate(pending)
+                try:
+                    self._pump(pending, (expect, call_id), None if timed_out else deadline,
+                               outcomes, during)
+                except KeyboardInterrupt:  # where our handler could not be installed
+                    self._interrupts_seen += 1
+                while self._interrupts_seen:
+                    # First interrupt: stop the ranks gently. Second: kill them now.
+                    self._interrupts_seen -= 1
+                    self._escalate(pending, first_step=2 if interrupted else 0)
+                    interrupted = True
+                self._stop_on_failure(pending, outcomes)
         self._escalating.clear()
         self._drain()  # all that was written before the call ended is the call's (the cell's)
         self.router.flush()
         return WaitResult(outcomes, interrupted, timed_out)
+
+    def _stop_on_failure(self, pending: set[int], outcomes: dict[int, Outcome]) -> None:
+        if any(not o.ok and o.stopped_by is None for o in outcomes.values()):
+            # One rank failed: stop the others at once.
+            self._escalate(pending, interrupt_grace=FAILURE_INTERRUPT_GRACE)
+
+    @contextlib.contextmanager
+    def _interrupts_as_messages(self) -> Iterator[None]:
+        """While waiting, an interrupt of the kernel becomes a byte on our pipe.
+
+        Raised as KeyboardInterrupt it could land anywhere in the wait: between reading a
+        rank's output and showing it, or in the middle of a reply, and lose either. The
+        handler (installed only over Python's default one, in the main thread, and put back
+        after) just writes the byte; the wait loop takes it like any other event.
+        """
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            yield
+            return
+        write_end = self._interrupt_pipe[1]
+
+        def note_interrupt(signum: int, frame: object) -> None:
+            with contextlib.suppress(OSError):
+                os.write(write_end, b"!")
+
+        previous = signal.signal(signal.SIGINT, note_interrupt)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _pump(
         self,
@@ -268,7 +314,9 @@ class Supervisor:
         if due is not None:
             wake.append(due)
         timeout = max(0.0, min(wake) - now) if wake else None
-        sources: dict[object, tuple[str, RankProcess, int]] = {}
+        sources: dict[object, tuple[str, RankProcess | None, int]] = {
+            self._interrupt_pipe[0]: ("interrupt", None, 0),
+        }
         for proc in self._procs.values():
             rank = proc.spec.rank
             for fd in proc.output:
@@ -285,7 +333,13 @@ class Supervisor:
         ready = wait(list(sources), timeout)  # type: ignore[arg-type]
         # Output first, so the lines a rank printed come before its reply or its death.
         for key in sorted(ready, key=lambda k: sources[k][0] != "output"):
-            kind, proc, fd = sources[key]
+            kind, source, fd = sources[key]
+            if kind == "interrupt":
+                with contextlib.suppress(BlockingIOError):
+                    self._interrupts_seen += len(os.read(self._interrupt_pipe[0], 64))
+                continue
+            assert source is not None
+            proc = source
             if kind == "output":
                 self._read_output(proc, fd)
             elif kind == "control":

@@ -54,6 +54,7 @@ READY_TIMEOUT = 180.0  # importing torch on a cold disk can take a while
 ALWAYS_PRELOAD = ("numpy", "torch", "torch.distributed", "torch.nn", "torch.nn.parallel")
 # Modules that only make sense in the kernel, or that start threads when imported.
 NEVER_PRELOAD = frozenset({
+    "pydevd", "pydevd_plugins", "pydev_ipython", "pydevd_file_utils",
     "IPython", "ipykernel", "ipywidgets", "ipyparallel", "jupyter_client", "jupyter_core",
     "zmq", "tornado", "traitlets", "comm", "debugpy", "matplotlib_inline", "prompt_toolkit",
     "jedi", "parso", "pexpect", "ptyprocess", "pickleshare", "nest_asyncio", "anyio",
@@ -295,8 +296,7 @@ def get_template() -> Template:
         # A rank forked from it would run the module as the template imported it, where a
         # spawned rank imports the file as it is now (an edit, %autoreload, reload()).
         log.info("ranks template: a notebook module changed on disk; starting a fresh one")
-    if _template is None:
-        atexit.register(close_template)  # with the first template, not at import
+    _register_exit_hook()
     close_template()
     for _ in range(_MAX_STARTS):
         _template = Template(_denied)
@@ -332,18 +332,28 @@ def launch_rank(
 ) -> RankProcess:
     """Start one rank the fastest safe way: forked from the template, else spawned."""
     global _unavailable
-    if start_method() == "template" and _unavailable is None:
+    failures = 0
+    while start_method() == "template" and _unavailable is None:
         try:
-            for _ in range(_MAX_STARTS):
-                try:
-                    return get_template().fork_rank(spec, env, cwd, stacks_path)
-                except TemplateUnsafe as unsafe:
-                    forget_unsafe(unsafe)
+            return get_template().fork_rank(spec, env, cwd, stacks_path)
+        except TemplateUnsafe as unsafe:
+            try:
+                forget_unsafe(unsafe)
+            except RuntimeError as error:
+                _unavailable = str(error)
         except (RuntimeError, OSError) as error:
-            _unavailable = str(error)
+            # A template that died or broke: a fresh one once, then spawn for good.
+            close_template()
+            failures += 1
+            if failures >= 2:
+                _unavailable = str(error)
+        if _unavailable is not None:
             log.warning("ranks: the warm template is unavailable (%s); ranks start by spawn"
-                        " in this kernel from now on", error)
+                        " in this kernel from now on", _unavailable)
     return spawn_rank(spec, env, cwd, stacks_path)
+
+
+_closed_templates: list[Template] = []  # let go, still serving their last ranks
 
 
 def close_template() -> None:
@@ -351,9 +361,30 @@ def close_template() -> None:
     global _template
     if _template is not None:
         _template.close()
-        if not _template.alive:
-            _template._popen.wait()
+        _closed_templates.append(_template)
         _template = None
+    # Reap those that have exited since, so none lingers as a zombie child of the kernel.
+    _closed_templates[:] = [t for t in _closed_templates if t.alive]
+
+
+def prestart() -> None:
+    """Start the template now, without waiting for it (``%load_ext ranks``)."""
+    global _template
+    if start_method() != "template" or _unavailable is not None or _template is not None:
+        return
+    _register_exit_hook()
+    _template = Template(_denied)
+
+
+_exit_hook_registered = False
+
+
+def _register_exit_hook() -> None:
+    """With the first template, not at import: importing ranks has no effects."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(close_template)
+        _exit_hook_registered = True
 
 
 # --- template side -----------------------------------------------------------------------

@@ -25,6 +25,7 @@ import faulthandler
 import linecache
 import os
 import queue
+import select
 import signal
 import sys
 import threading
@@ -43,8 +44,10 @@ from ._protocol import Call, CallKind, Close, Done, Failed, Init, Interrupted, R
 def main(argv: list[str]) -> None:
     control_fd, parent_pid, stacks_path = int(argv[0]), int(argv[1]), argv[2]
     sys.argv = ["-c"]  # what user code sees: ours are not its arguments (as `python -c`)
-    _guard_parent_death(parent_pid)
-    _guard_descendants()  # before any thread starts: it forks
+    parent_pidfd = _parent_pidfd(parent_pid)
+    _guard_descendants(parent_pidfd)  # before any thread starts: it forks
+    if parent_pidfd is not None:
+        os.close(parent_pidfd)
     os.set_inheritable(control_fd, False)  # programs the user starts must not hold it open
     faulthandler.enable(file=2, all_threads=True)  # fd 2: the pipe to the kernel
     # SIGUSR1 dumps every thread's stack to a file the kernel reads on a timeout; the dump
@@ -82,24 +85,35 @@ def main(argv: list[str]) -> None:
     os._exit(0)  # skip interpreter teardown: threads of libraries (NCCL, Gloo) can hang it
 
 
-def _guard_parent_death(parent_pid: int) -> None:
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    # The parent may have died before prctl took effect: then we were re-parented already.
+def _parent_pidfd(parent_pid: int) -> int | None:
+    """A pidfd on the process that started us (kernel or template), or None.
+
+    Where there is none, the parent-death signal takes its place. It is the second choice:
+    Linux sends it when the *thread* that started us exits (prctl(2)), so a World started
+    by spawn from a short-lived thread of the kernel would lose its ranks with the thread.
+    """
+    try:
+        pidfd: int | None = os.pidfd_open(parent_pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3, or a sandbox that refuses it
+        pidfd = None
+    if pidfd is None and sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    # The parent may have died before: then we were re-parented, and the pidfd may even
+    # name another process that got the same pid.
     if os.getppid() != parent_pid:
         os._exit(1)
+    return pidfd
 
 
-def _guard_descendants() -> None:
-    """Fork a watcher that kills the rank's process group once the rank is dead.
+def _guard_descendants(parent_pidfd: int | None) -> None:
+    """Fork a watcher that kills the rank's process group when the rank or its parent dies.
 
-    The parent-death signal kills a rank the moment the kernel dies, usually before its
-    control thread can kill the rank's children (a DataLoader worker, a `sleep` the user
-    started), which would then be orphaned. The watcher is a child of the rank, in its
-    process group, holding none of its fds, and gets the rank's death as its own
-    parent-death signal: however the rank ends, its whole group goes with it.
+    The watcher is a single-threaded child of the rank, in its process group, holding none
+    of its fds but the parent's pidfd. It needs no GIL of the rank's, so it acts even while
+    the rank's threads are stuck: when the kernel (or the template) dies it kills the whole
+    group, rank included; when the rank dies first (its parent-death signal to the watcher),
+    the rank's children go too (a DataLoader worker, a `sleep` the user started), which
+    would otherwise be orphaned.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -107,14 +121,22 @@ def _guard_descendants() -> None:
     if os.fork() != 0:
         return
     try:
-        os.closerange(0, os.sysconf("SC_OPEN_MAX"))  # never keep a pipe to the kernel open
+        # Never keep a pipe to the kernel open: only the parent's pidfd stays.
+        limit = os.sysconf("SC_OPEN_MAX")
+        if parent_pidfd is None:
+            os.closerange(0, limit)
+        else:
+            os.closerange(0, parent_pidfd)
+            os.closerange(parent_pidfd + 1, limit)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, lambda signum, frame: os.killpg(0, signal.SIGKILL))
         ctypes.CDLL(None).prctl(1, signal.SIGHUP, 0, 0, 0)  # PR_SET_PDEATHSIG
         if os.getppid() == rank_pid:
-            while True:
-                signal.pause()
-        os.killpg(0, signal.SIGKILL)  # the rank died before prctl took effect
+            if parent_pidfd is None:
+                while True:
+                    signal.pause()
+            select.select([parent_pidfd], [], [])  # returns when the parent has exited
+        os.killpg(0, signal.SIGKILL)  # the rank's parent, or the rank, died
     finally:
         os._exit(0)
 
