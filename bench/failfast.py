@@ -5,8 +5,9 @@ blocked in a collective. ranks.run against accelerate's notebook_launcher.
                              [--driver kernel|script]
 
 Two ranks join a process group (NCCL on GPUs 0 and 1 when nvidia-smi lists two, else
-Gloo on the CPU) and do one all_reduce. Then rank 1 writes ``time.time()`` to a file and
-raises, while rank 0 waits in a second all_reduce that rank 1 never joins. The figure is
+Gloo on the CPU; --n ranks, 2 by default) and do one all_reduce. Then the last rank writes
+``time.time()`` to a file and raises, while the others wait in a second all_reduce that it
+never joins. The figure is
 the time from that ``time.time()`` to the moment the launcher's exception reaches the
 caller's ``except`` in the kernel (also ``time.time()``: one host, one clock).
 
@@ -55,6 +56,7 @@ import json, os, socket, sys, time
 sys.path.insert(0, {src!r})
 import torch
 BACKEND = {backend!r}
+N = {n!r}  # ranks; the last one fails
 
 def work(raised, backend):
     import os, time
@@ -72,12 +74,12 @@ def work(raised, backend):
     dist.all_reduce(total)  # the group is up and connected
     if device.type == "cuda":
         torch.cuda.synchronize()
-    if rank == 1:
-        time.sleep(0.5)  # by now rank 0 waits in the all_reduce below
+    if rank == dist.get_world_size() - 1:
+        time.sleep(0.5)  # by now the other ranks wait in the all_reduce below
         with open(raised, "w") as out:
             out.write(repr(time.time()))
-        raise RuntimeError("rank 1 failed while rank 0 waits in all_reduce")
-    dist.all_reduce(total)  # rank 1 never joins
+        raise RuntimeError("the last rank failed while the others wait in all_reduce")
+    dist.all_reduce(total)  # the last rank never joins
     if device.type == "cuda":
         torch.cuda.synchronize()  # NCCL is asynchronous: block here as Gloo does
     return total.item()
@@ -96,7 +98,7 @@ RANKS = """
 import ranks
 
 def launch(raised):
-    placement = {{"gpus": [0, 1]}} if BACKEND == "nccl" else {{"n": 2}}
+    placement = {{"gpus": list(range(N))}} if BACKEND == "nccl" else {{"n": N}}
     ranks.run(work, args=(raised, BACKEND), torch_dist=True, timeout={cap!r}, output="none",
               **placement)
 """
@@ -108,7 +110,7 @@ def launch(raised):
     with socket.socket() as probe:  # the default port 29500 may be taken on a shared host
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    notebook_launcher(work, args=(raised, BACKEND), num_processes=2, use_port=str(port))
+    notebook_launcher(work, args=(raised, BACKEND), num_processes=N, use_port=str(port))
 """
 
 
@@ -277,12 +279,12 @@ def detect_backend() -> str:
 
 
 def bench(launcher: Launcher, backend: str, repeat: int, cap: float, workdir: Path,
-          driver: str) -> Result:
+          driver: str, n: int) -> Result:
     result = Result()
     log = workdir / f"{driver}-{launcher.key}.log"
     kernel = Kernel(str(workdir), log) if driver == "kernel" else Script(str(workdir), log)
     try:
-        kernel.run(SETUP.format(src=SRC, backend=backend, mark=MARK), START_SLACK)
+        kernel.run(SETUP.format(src=SRC, backend=backend, mark=MARK, n=n), START_SLACK)
         kernel.run(launcher.setup.format(cap=cap), START_SLACK)
         for attempt in range(repeat):
             raised = workdir / f"raised-{launcher.key}-{attempt}"
@@ -296,7 +298,7 @@ def bench(launcher: Launcher, backend: str, repeat: int, cap: float, workdir: Pa
             reply = json.loads(line[len(MARK):])
             result.kinds.add(reply["kind"])
             if reply["arrived"] is None or not raised.exists():
-                result.failed = f"{reply['kind']} (rank 1 never raised)"
+                result.failed = f"{reply['kind']} (the last rank never raised)"
                 break
             seconds = reply["arrived"] - float(raised.read_text())
             if seconds > cap:
@@ -312,12 +314,14 @@ def bench(launcher: Launcher, backend: str, repeat: int, cap: float, workdir: Pa
     return result
 
 
-def table(results: dict[str, Result], backend: str, cap: float, driver: str) -> str:
-    where = "NCCL, 2 GPUs" if backend == "nccl" else f"Gloo, 2 CPU ranks, {os.cpu_count()} cores"
+def table(results: dict[str, Result], backend: str, cap: float, driver: str, n: int) -> str:
+    cores = os.cpu_count()
+    where = f"NCCL, {n} GPUs" if backend == "nccl" else f"Gloo, {n} CPU ranks, {cores} cores"
     labels = {launcher.key: launcher.label for launcher in LAUNCHERS}
     caller = "a Jupyter kernel" if driver == "kernel" else "a plain script"
     lines = [
-        f"Fail-fast from {caller}: rank 1 raises while rank 0 waits in all_reduce ({where})",
+        f"Fail-fast from {caller}: rank {n - 1} raises while the others wait in all_reduce"
+        f" ({where})",
         "",
         "| launcher | error in the caller | raise -> error, median (s) | all runs (s) |",
         "| --- | --- | ---: | --- |",
@@ -354,6 +358,7 @@ def main() -> None:
     parser.add_argument("--cap", type=float, default=120.0,
                         help="seconds one measurement may take before it counts as '>cap'")
     parser.add_argument("--launchers", default="ranks,accelerate")
+    parser.add_argument("--n", type=int, default=2, help="ranks (the last one fails)")
     parser.add_argument("--driver", choices=("kernel", "script"), default=_default_driver(),
                         help="run the launches in a real ipykernel (default where"
                              " jupyter_client is installed) or in a plain script")
@@ -364,8 +369,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="failfast-") as workdir:
         for launcher in chosen:
             results[launcher.key] = bench(launcher, backend, options.repeat, options.cap,
-                                          Path(workdir), options.driver)
-    print(table(results, backend, options.cap, options.driver))
+                                          Path(workdir), options.driver, options.n)
+    print(table(results, backend, options.cap, options.driver, options.n))
 
 
 def _default_driver() -> str:
