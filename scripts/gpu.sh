@@ -2,7 +2,12 @@
 # On the GPU machine: install what is missing there from .device/wheels (it has no network),
 # then run the GPU tests (tests/gpu, marker "gpu") and the demo notebook. See docs/gpu.md.
 #
-#   bash scripts/gpu.sh [PYTEST_ARGS...]
+#   bash scripts/gpu.sh [--bench | --bench-only] [PYTEST_ARGS...]
+#
+# --bench also runs the GPU benchmarks after the tests (launch latency and fail-fast against
+# accelerate's notebook_launcher, DDP throughput against torchrun): about 10 minutes in all.
+# --bench-only runs just the benchmarks (for a device call limited to 10 minutes, split the
+# work: one call without a flag, one with --bench-only). Their tables go to $OUT too.
 #
 # Uses the machine's python3 directly (it holds the CUDA build of torch); $RANKS_PYTHON names
 # another. Logs, the JUnit report, the executed notebook and gpu_measurements.json go to $OUT
@@ -14,6 +19,12 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # service. The kernel and the ranks inherit these.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 PIP_NO_INPUT=1
+
+tests=1 benches=0
+case "${1:-}" in
+  --bench) benches=1; shift ;;
+  --bench-only) tests=0; benches=1; shift ;;
+esac
 
 PY=${RANKS_PYTHON:-python3}
 wheels=${RANKS_WHEELS:-.device/wheels}
@@ -58,10 +69,17 @@ if ! "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1
   export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-run_step gpu-tests "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider \
-  --junitxml="$logs/gpu-junit.xml" "$@"
-run_step demo "$PY" examples/run_notebook.py examples/ddp_demo.ipynb \
-  --out "$logs/ddp_demo.executed.ipynb"
+if [ "$tests" -eq 1 ]; then
+  run_step gpu-tests "$PY" -m pytest -q -m gpu tests/gpu -p no:cacheprovider \
+    --junitxml="$logs/gpu-junit.xml" "$@"
+  run_step demo "$PY" examples/run_notebook.py examples/ddp_demo.ipynb \
+    --out "$logs/ddp_demo.executed.ipynb"
+fi
+if [ "$benches" -eq 1 ]; then
+  run_step bench-launch "$PY" bench/launch.py --ns 1,2 --markdown "$logs/launch.md"
+  run_step bench-failfast "$PY" bench/failfast.py --repeat 3 --cap 60
+  run_step bench-ddp "$PY" bench/ddp_throughput.py --repeats 2 --markdown "$logs/ddp.md"
+fi
 
 if [ "${#failed[@]}" -ne 0 ]; then
   echo "FAILED: ${failed[*]} (logs in $logs)" >&2
