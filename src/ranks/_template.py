@@ -44,6 +44,7 @@ from collections.abc import Iterable, Mapping
 from multiprocessing.connection import Connection
 from typing import Any
 
+from ._lifeline import watch_parent
 from ._placement import RankSpec
 from ._spawn import PACKAGE_PARENT, RankProcess, close_quietly, spawn_rank
 
@@ -392,7 +393,7 @@ def _register_exit_hook() -> None:
 
 def serve(argv: list[str]) -> None:
     sock = socket.socket(fileno=int(argv[0]))
-    kernel_gone = _watch_kernel(int(argv[1]))
+    kernel_gone = watch_parent(int(argv[1]))
     kernel_fds = [] if kernel_gone is None else [kernel_gone]
     children: dict[int, int] = {}  # pid -> write end of its exit pipe
     wake_read, wake_write = os.pipe()
@@ -406,7 +407,7 @@ def serve(argv: list[str]) -> None:
         watched: list[int | socket.socket] = [wake_read, *kernel_fds, *([] if closing else [sock])]
         readable, _, _ = select.select(watched, [], [])
         if kernel_gone in readable:
-            os._exit(0)  # the kernel died: our ranks get their parent-death signal as we go
+            os._exit(0)  # the kernel died: our ranks' watchers see us go and take them down
         if wake_read in readable:
             os.read(wake_read, 4096)
             _reap(children)
@@ -441,29 +442,6 @@ def serve(argv: list[str]) -> None:
                 pid, exit_read = _fork_rank(message, fds, sock, children, ours)
                 socket.send_fds(sock, [pickle.dumps(("forked", pid))], [exit_read])
                 os.close(exit_read)
-
-
-def _watch_kernel(kernel_pid: int) -> int | None:
-    """An fd that turns readable when the kernel exits; None where only the signal is left.
-
-    Not the parent-death signal, where a pidfd exists: Linux sends it when the *thread*
-    that started us exits (prctl(2)), and the first ``ranks.run`` may come from a
-    short-lived thread (a pool, a callback), which would take the template, and every rank
-    forked from it, along when it ends.
-    """
-    try:
-        pidfd: int | None = os.pidfd_open(kernel_pid)
-    except (AttributeError, OSError):  # not Linux >= 5.3, or a sandbox that refuses it
-        pidfd = None
-    if pidfd is None and sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    # The kernel may have died before: then we were re-parented and pidfd_open may have
-    # opened another process that got the same pid.
-    if os.getppid() != kernel_pid:
-        os._exit(1)
-    return pidfd
 
 
 def _preload(modules: list[str]) -> dict[str, Any]:

@@ -1,16 +1,18 @@
 """The rank side: the entry point of every rank process, and its command loop.
 
-A rank is a fresh interpreter (never a fork of the kernel). Its life:
+A rank is a fresh interpreter or a fork of the warm template (never a fork of the kernel).
+Its life:
 
-    guard parent death --> fault handler --> Init (sys.path, cwd) --> pin GPU
+    watcher process --> fault handler --> Init (sys.path, cwd) --> pin GPU
       --> torch.distributed (if asked) --> Ready --> [Call -> Done | Failed]* --> Close --> exit
 
 The main thread runs the user's code, so KeyboardInterrupt (the kernel forwarding an
-interrupt as SIGINT) lands where the user expects it. A reader thread owns the control
-channel: it queues commands for the main thread and, when the channel closes because the
-kernel died, kills the rank's whole process group (DataLoader workers included). On Linux
-the parent-death signal is a second, independent guard for the rank itself, and a watcher
-process forked first kills the rank's group when the rank dies, however it dies.
+interrupt as SIGINT) lands where the user expects it; the SIGINT handler also tells the
+kernel it was reached (Interrupted), so a rank stuck in C code is told apart. A control
+thread owns the channel: it queues commands for the main thread, sends those receipts, and
+when the channel closes because the kernel died, kills the rank's whole process group
+(DataLoader workers included). Independent of both threads, a watcher process forked first
+kills the group when the rank's parent dies (``_lifeline``) or the rank itself dies.
 
 fds 1 and 2 are pipes to the kernel, set up by the launcher; Python's and C's stdio are
 line-buffered here so output streams live.
@@ -38,13 +40,14 @@ from types import TracebackType
 from typing import Any, NoReturn
 
 from . import _context, _protocol, _serialize
+from ._lifeline import die_with_parent, watch_parent
 from ._protocol import Call, CallKind, Close, Done, Failed, Init, Interrupted, Ready
 
 
 def main(argv: list[str]) -> None:
     control_fd, parent_pid, stacks_path = int(argv[0]), int(argv[1]), argv[2]
     sys.argv = ["-c"]  # what user code sees: ours are not its arguments (as `python -c`)
-    parent_pidfd = _parent_pidfd(parent_pid)
+    parent_pidfd = watch_parent(parent_pid)
     _guard_descendants(parent_pidfd)  # before any thread starts: it forks
     if parent_pidfd is not None:
         os.close(parent_pidfd)
@@ -85,26 +88,6 @@ def main(argv: list[str]) -> None:
     os._exit(0)  # skip interpreter teardown: threads of libraries (NCCL, Gloo) can hang it
 
 
-def _parent_pidfd(parent_pid: int) -> int | None:
-    """A pidfd on the process that started us (kernel or template), or None.
-
-    Where there is none, the parent-death signal takes its place. It is the second choice:
-    Linux sends it when the *thread* that started us exits (prctl(2)), so a World started
-    by spawn from a short-lived thread of the kernel would lose its ranks with the thread.
-    """
-    try:
-        pidfd: int | None = os.pidfd_open(parent_pid)
-    except (AttributeError, OSError):  # not Linux >= 5.3, or a sandbox that refuses it
-        pidfd = None
-    if pidfd is None and sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    # The parent may have died before: then we were re-parented, and the pidfd may even
-    # name another process that got the same pid.
-    if os.getppid() != parent_pid:
-        os._exit(1)
-    return pidfd
-
-
 def _guard_descendants(parent_pidfd: int | None) -> None:
     """Fork a watcher that kills the rank's process group when the rank or its parent dies.
 
@@ -130,7 +113,7 @@ def _guard_descendants(parent_pidfd: int | None) -> None:
             os.closerange(parent_pidfd + 1, limit)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGHUP, lambda signum, frame: os.killpg(0, signal.SIGKILL))
-        ctypes.CDLL(None).prctl(1, signal.SIGHUP, 0, 0, 0)  # PR_SET_PDEATHSIG
+        die_with_parent(signal.SIGHUP)  # the rank: the watcher's only parent thread
         if os.getppid() == rank_pid:
             if parent_pidfd is None:
                 while True:
