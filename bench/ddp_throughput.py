@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -22,16 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from _kernel import gpu_count
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "src"))
-
-
-def gpu_count() -> int:
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
-    return sum(line.startswith("GPU ") for line in listing.splitlines())
 
 
 def via_torchrun(n: int, config: dict[str, int]) -> float:

@@ -29,11 +29,9 @@ ratio notebook_launcher / ranks.run of the medians.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import queue
-import shutil
 import statistics
 import subprocess
 import sys
@@ -44,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
+from _kernel import Kernel, Launcher, detect_backend, kill_processes, process_tree
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 MARK = "FAILFAST-RESULT "
@@ -114,13 +112,6 @@ def launch(raised):
 """
 
 
-@dataclass(frozen=True)
-class Launcher:
-    key: str
-    label: str
-    setup: str
-
-
 LAUNCHERS = (
     Launcher("ranks", "ranks.run", RANKS),
     Launcher("accelerate", "accelerate notebook_launcher", ACCELERATE),
@@ -133,63 +124,6 @@ class Result:
     kinds: set[str] = field(default_factory=set)
     over_cap: bool = False
     failed: str | None = None
-
-
-class Kernel:
-    """One ipykernel running this interpreter; each cell has a deadline."""
-
-    def __init__(self, cwd: str, log: Path) -> None:
-        from jupyter_client.manager import KernelManager
-
-        self.manager = KernelManager(kernel_name="python3")
-        self.manager.kernel_spec.argv[0] = sys.executable
-        with open(log, "wb") as out:  # the kernel's own chatter, and the ranks' crash output
-            self.manager.start_kernel(cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-        self.client = self.manager.client()
-        self.client.start_channels()
-        self.client.wait_for_ready(timeout=60)
-        self.pid = int(self.manager.provisioner.process.pid)  # type: ignore[union-attr]
-
-    def run(self, code: str, timeout: float) -> str:
-        """Run one cell; its stdout. TimeoutError past the deadline, RuntimeError if it raised."""
-        msg_id = self.client.execute(textwrap.dedent(code), store_history=False)
-        deadline = time.monotonic() + timeout
-        stdout, error = [], None
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"the cell did not end in {timeout:g} s")
-            try:
-                msg = self.client.get_iopub_msg(timeout=remaining)
-            except queue.Empty:
-                continue
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "stream" and content["name"] == "stdout":
-                stdout.append(content["text"])
-            elif kind == "error":
-                error = f"{content['ename']}: {content['evalue']}"
-            elif kind == "status" and content["execution_state"] == "idle":
-                break
-        with contextlib.suppress(queue.Empty):
-            self.client.get_shell_msg(timeout=5)
-        if error is not None:
-            raise RuntimeError(error)
-        return "".join(stdout)
-
-    def close(self) -> None:
-        """Shut down; whatever of the kernel's process tree is left gets SIGKILL."""
-        tree = _tree(self.pid)
-        with contextlib.suppress(Exception):
-            self.client.stop_channels()
-        with contextlib.suppress(Exception):
-            self.manager.shutdown_kernel(now=True)
-        _, alive = psutil.wait_procs(tree, timeout=2)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=5)
 
 
 class Script:
@@ -234,11 +168,7 @@ class Script:
             out.append(line)
 
     def close(self) -> None:
-        tree = _tree(self.pid)
-        for proc in tree:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(tree, timeout=5)
+        kill_processes(process_tree(self.pid), grace=0)
         self._reader.join(5)
         self._log.close()
 
@@ -258,30 +188,11 @@ for _line in sys.stdin:
 """
 
 
-def _tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def detect_backend() -> str:
-    """nccl when nvidia-smi lists at least two GPUs, else gloo. Never touches CUDA here."""
-    if shutil.which("nvidia-smi") is None:
-        return "gloo"
-    try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
-                                timeout=20, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "gloo"
-    return "nccl" if sum(line.startswith("GPU ") for line in listed.splitlines()) >= 2 else "gloo"
-
-
 def bench(launcher: Launcher, backend: str, repeat: int, cap: float, workdir: Path,
           driver: str, n: int) -> Result:
     result = Result()
     log = workdir / f"{driver}-{launcher.key}.log"
+    # Kernel: the kernel's own chatter, and the ranks' crash output, go to the log.
     kernel = Kernel(str(workdir), log) if driver == "kernel" else Script(str(workdir), log)
     try:
         kernel.run(SETUP.format(src=SRC, backend=backend, mark=MARK, n=n), START_SLACK)
@@ -363,7 +274,7 @@ def main() -> None:
                         help="run the launches in a real ipykernel (default where"
                              " jupyter_client is installed) or in a plain script")
     options = parser.parse_args()
-    backend = detect_backend()
+    backend = detect_backend(gpus_needed=2)
     chosen = [lc for lc in LAUNCHERS if lc.key in options.launchers.split(",")]
     results = {}
     with tempfile.TemporaryDirectory(prefix="failfast-") as workdir:

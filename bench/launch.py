@@ -34,20 +34,16 @@ import contextlib
 import importlib.util
 import json
 import os
-import queue
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from jupyter_client.manager import KernelManager
+from _kernel import CellFailed, Kernel, Launcher, detect_backend, gpu_count, kill_processes
 
 BENCH = Path(__file__).resolve().parent
 WORKLOADS = ("trivial", "all_reduce")
@@ -129,13 +125,6 @@ def _launch(fn, workload, n):
 """
 
 
-@dataclass(frozen=True)
-class Launcher:
-    key: str
-    label: str
-    setup: str
-
-
 LAUNCHERS = (
     Launcher("ranks", "ranks.run (template)", RANKS.format(start_method="")),
     Launcher("ranks-spawn", "ranks.run (RANKS_START_METHOD=spawn)",
@@ -152,135 +141,29 @@ class Timings:
     warm: dict[tuple[str, int], list[float] | str] = field(default_factory=dict)
 
 
-class LaunchFailed(Exception):
-    pass
-
-
-class Kernel:
-    """One ipykernel with this interpreter; every cell has a deadline."""
-
-    def __init__(self, cwd: str, log: Path) -> None:
-        self.manager = KernelManager(kernel_name="python3")
-        self.manager.kernel_spec.argv[0] = sys.executable  # the interpreter with ranks
-        env = dict(os.environ)
-        env.pop("RANKS_START_METHOD", None)  # each launcher sets its own
-        # The kernel's own output (its start-up warnings, a crash) goes to a log, not here.
-        with open(log, "wb") as out:
-            self.manager.start_kernel(cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        self.client = self.manager.client()
-        self.client.start_channels()
-        self.client.wait_for_ready(timeout=60)
-        self.pid = int(self.manager.provisioner.process.pid)  # type: ignore[union-attr]
-
-    def run(self, code: str, timeout: float) -> str:
-        """Execute one cell; its stdout, or LaunchFailed with the error it raised."""
-        msg_id = self.client.execute(textwrap.dedent(code), store_history=False)
-        deadline = time.monotonic() + timeout
-        stdout: list[str] = []
-        error = None
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"cell did not finish in {timeout:g} s")
-            try:
-                msg = self.client.get_iopub_msg(timeout=remaining)
-            except queue.Empty:
-                continue
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "stream" and content["name"] == "stdout":
-                stdout.append(content["text"])
-            elif kind == "error":
-                error = f"{content['ename']}: {content['evalue']}"
-            elif kind == "status" and content["execution_state"] == "idle":
-                break
-        with contextlib.suppress(queue.Empty):
-            self.client.get_shell_msg(timeout=5)
-        if error is not None:
-            raise LaunchFailed(error)
-        return "".join(stdout)
-
-    def measure(self, workload: str, n: int, timeout: float) -> float:
-        out = self.run(f"_measure({workload!r}, {n})", timeout)
-        lines = [line for line in out.splitlines() if line.startswith(MARK)]
-        if not lines:
-            raise LaunchFailed(f"no result in the cell's output: {out[-500:]!r}")
-        return float(json.loads(lines[-1][len(MARK):]))
-
-    def close(self) -> None:
-        """Stop the kernel; kill whatever of its process tree is left."""
-        tree = _tree(self.pid)
-        with contextlib.suppress(Exception):
-            self.client.stop_channels()
-        # Not a graceful shutdown: that waits about a second per kernel, fifteen kernels in
-        # all, and no launcher here leaves work behind. Its template follows it out.
-        with contextlib.suppress(Exception):
-            self.manager.shutdown_kernel(now=True)
-        _kill(tree)
-
-    def kill(self) -> None:
-        """For a kernel that overran a deadline: kill its tree now, no questions asked."""
-        _kill(_tree(self.pid))
-        with contextlib.suppress(Exception):
-            self.client.stop_channels()
-        with contextlib.suppress(Exception):
-            self.manager.shutdown_kernel(now=True)
-
-
-def _tree(pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _kill(processes: list[psutil.Process]) -> None:
-    alive = []
-    for proc in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if proc.is_running():
-                alive.append(proc)
-    if not alive:
-        return
-    _, alive = psutil.wait_procs(alive, timeout=2)  # ranks' and templates' own exits
-    for proc in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=5)
-
-
-def detect_backend() -> str:
-    """nccl when nvidia-smi lists a GPU, else gloo; never initialises CUDA here."""
-    if shutil.which("nvidia-smi") is None:
-        return "gloo"
-    try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
-                                timeout=20, check=False).stdout
-    except (OSError, subprocess.SubprocessError):
-        return "gloo"
-    return "nccl" if "GPU" in listed else "gloo"
-
-
-def gpu_count() -> int:
-    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20,
-                            check=False).stdout
-    return sum(line.startswith("GPU") for line in listed.splitlines())
+def measure(kernel: Kernel, workload: str, n: int, timeout: float) -> float:
+    """One launch of ``workload`` on ``n`` ranks in the kernel: its seconds."""
+    out = kernel.run(f"_measure({workload!r}, {n})", timeout)
+    lines = [line for line in out.splitlines() if line.startswith(MARK)]
+    if not lines:
+        raise CellFailed(f"no result in the cell's output: {out[-500:]!r}")
+    return float(json.loads(lines[-1][len(MARK):]))
 
 
 @contextlib.contextmanager
 def kernel_for(launcher: Launcher, setup: str, workdir: str, log: Path,
                timeout: float) -> Iterator[Kernel]:
-    kernel = Kernel(workdir, log)
+    env = dict(os.environ)
+    env.pop("RANKS_START_METHOD", None)  # each launcher sets its own
+    kernel = Kernel(workdir, log, env)
     try:
         kernel.run("import torch", timeout)  # the notebook already uses torch
         kernel.run(setup + launcher.setup, timeout)
         yield kernel
-    except TimeoutError:
-        kernel.kill()
-        raise
     finally:
+        # Not a graceful shutdown: that waits about a second per kernel, fifteen kernels in
+        # all, and no launcher here leaves work behind. Its template follows it out; the
+        # tree of a kernel that overran a deadline is killed.
         kernel.close()
 
 
@@ -295,14 +178,14 @@ def bench_launcher(launcher: Launcher, args: argparse.Namespace, setup: str,
         measuring = "cold"
         try:
             with kernel_for(launcher, setup, workdir, log, cell_deadline) as kernel:
-                timings.cold[n] = kernel.measure("trivial", n, cell_deadline)
+                timings.cold[n] = measure(kernel, "trivial", n, cell_deadline)
                 _log(f"{launcher.key}: cold n={n}: {timings.cold[n]:.3f} s")
                 for measuring in WORKLOADS:
                     if measuring == "all_reduce" and backend == "nccl" and n > gpus:
                         continue  # NCCL wants a GPU per rank
                     timings.warm[measuring, n] = _repeat(kernel, measuring, n, args,
                                                          cell_deadline, launcher.key)
-        except (LaunchFailed, TimeoutError) as error:
+        except (CellFailed, TimeoutError) as error:
             # The kernel is gone (killed on a timeout) or unusable: the rest of n is not run.
             _log(f"{launcher.key}: {measuring} n={n}: {error}\n  kernel log: {_tail(log)}")
             if measuring == "cold":
@@ -320,8 +203,8 @@ def _repeat(kernel: Kernel, workload: str, n: int, args: argparse.Namespace,
     while len(seconds) < args.repeat and (len(seconds) < args.min_repeat
                                           or spent < args.budget_per_cell):
         try:
-            seconds.append(kernel.measure(workload, n, deadline))
-        except LaunchFailed as error:
+            seconds.append(measure(kernel, workload, n, deadline))
+        except CellFailed as error:
             _log(f"{key}: {workload} n={n}: {error}")
             return _short(error)
         spent += seconds[-1]
@@ -433,7 +316,7 @@ def main() -> None:
                     results[launcher.key] = bench_launcher(launcher, args, setup, workdir, ns,
                                                            backend)
         finally:
-            _kill(psutil.Process().children(recursive=True))
+            kill_processes(psutil.Process().children(recursive=True))
     machine = (f"{os.cpu_count()} CPU cores, "
                + (f"{gpu_count()} GPU(s), NCCL" if backend == "nccl" else "no GPU, Gloo"))
     report = (f"torch {torch.__version__}, Python {sys.version.split()[0]}, {machine};"

@@ -26,81 +26,21 @@ import argparse
 import datetime
 import os
 import platform
-import queue
 import statistics
 import sys
 import tempfile
-import textwrap
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from _kernel import Cell, Kernel
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
 
 
-@dataclass
-class Cell:
-    """What one cell sent: each IOPub message with the time this process received it."""
-
-    started: float
-    messages: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
-    result: str | None = None
-
-    def lines(self, name: str) -> list[tuple[float, str]]:
-        out = []
-        for arrived, msg in self.messages:
-            if msg["msg_type"] == "stream" and msg["content"]["name"] == name:
-                out += [(arrived, line) for line in msg["content"]["text"].splitlines()]
-        return out
-
-    @property
-    def ended(self) -> float:
-        return self.messages[-1][0]
-
-
-class BenchKernel:
-    """A real ipykernel driven by jupyter_client; ``cell`` records every message's arrival."""
-
-    def __init__(self, cwd: str) -> None:
-        from jupyter_client.manager import KernelManager
-
-        self.manager = KernelManager(kernel_name="python3")
-        self.manager.kernel_spec.argv[0] = sys.executable  # the interpreter with ranks
-        self.manager.start_kernel(cwd=cwd, env=dict(os.environ))
-        self.client = self.manager.client()
-        self.client.start_channels()
-        self.client.wait_for_ready(timeout=60)
-
-    def cell(self, code: str, timeout: float = 300.0) -> Cell:
-        cell = Cell(time.time())
-        msg_id = self.client.execute(textwrap.dedent(code), store_history=False)
-        deadline = time.monotonic() + timeout
-        error = None
-        while True:
-            try:
-                msg = self.client.get_iopub_msg(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise TimeoutError(f"cell did not finish in {timeout} s: {code!r}") from None
-            arrived = time.time()
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            cell.messages.append((arrived, msg))
-            if msg["msg_type"] == "error":
-                error = "\n".join(msg["content"]["traceback"])
-            elif msg["msg_type"] == "execute_result":
-                cell.result = msg["content"]["data"]["text/plain"]
-            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                break
-        self.client.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
-        if error is not None:
-            raise RuntimeError(f"cell failed:\n{error}")
-        return cell
-
-    def close(self) -> None:
-        self.client.stop_channels()
-        self.manager.shutdown_kernel(now=False)  # its exit handlers close the World
+def run_cell(kernel: Kernel, code: str) -> Cell:
+    """Run one cell (five minutes at most); what it sent. CellFailed if it raised."""
+    return kernel.execute(code, timeout=300.0).check()
 
 
 def summary(seconds: list[float]) -> tuple[float, float, float]:
@@ -137,14 +77,14 @@ SETUP = """
 """
 
 
-def throughput(kernel: BenchKernel, lines: int, limiter: bool) -> dict[str, float]:
-    kernel.cell("limits = _output.BURST_LINES, _output.RATE_LINES")
+def throughput(kernel: Kernel, lines: int, limiter: bool) -> dict[str, float]:
+    run_cell(kernel, "limits = _output.BURST_LINES, _output.RATE_LINES")
     if not limiter:
-        kernel.cell("_output.BURST_LINES = _output.RATE_LINES = 10**12")
+        run_cell(kernel, "_output.BURST_LINES = _output.RATE_LINES = 10**12")
     try:
-        cell = kernel.cell(f"w.run(flood, args=({lines},))")
+        cell = run_cell(kernel, f"w.run(flood, args=({lines},))")
     finally:
-        kernel.cell("_output.BURST_LINES, _output.RATE_LINES = limits")
+        run_cell(kernel, "_output.BURST_LINES, _output.RATE_LINES = limits")
     assert cell.result is not None
     loop_seconds = max(float(s) for s in cell.result.strip("[]").split(","))
     shown = [(t, line) for t, line in cell.lines("stdout") if " of the flood" in line]
@@ -159,8 +99,8 @@ def throughput(kernel: BenchKernel, lines: int, limiter: bool) -> dict[str, floa
     }
 
 
-def latency(kernel: BenchKernel, samples: int, redraw: bool) -> list[float]:
-    cell = kernel.cell(f"w.run(stamps, args=({samples}, {redraw}))")
+def latency(kernel: Kernel, samples: int, redraw: bool) -> list[float]:
+    cell = run_cell(kernel, f"w.run(stamps, args=({samples}, {redraw}))")
     delays = []
     for arrived, msg in cell.messages:
         if redraw and msg["msg_type"] in ("display_data", "update_display_data"):
@@ -177,16 +117,16 @@ def latency(kernel: BenchKernel, samples: int, redraw: bool) -> list[float]:
 
 def report(lines: int, samples: int) -> str:
     with tempfile.TemporaryDirectory() as cwd:
-        kernel = BenchKernel(cwd)
+        kernel = Kernel(cwd)
         try:
-            kernel.cell(SETUP)
+            run_cell(kernel, SETUP)
             rows = {label: throughput(kernel, lines, on)
                     for label, on in (("limiter off", False), ("limiter on", True))}
             delays = {"stdout line": latency(kernel, samples, redraw=False),
                       "\\r redraw (display)": latency(kernel, samples, redraw=True)}
-            kernel.cell("w.close()")
+            run_cell(kernel, "w.close()")
         finally:
-            kernel.close()
+            kernel.close(now=False)  # its exit handlers close the World
 
     when = datetime.datetime.now().isoformat(timespec="seconds")
     out = [f"rank output into a cell, 2 CPU ranks, {os.cpu_count()} cores, "

@@ -24,7 +24,6 @@ import argparse
 import datetime
 import os
 import platform
-import queue
 import statistics
 import sys
 import tempfile
@@ -33,6 +32,8 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
+
+from _kernel import Kernel
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
@@ -92,44 +93,6 @@ def ipp_cluster(profile_dir: str) -> Iterator[tuple[Any, str]]:
                     proc.kill()
 
 
-class BenchKernel:
-    """A real ipykernel driven by jupyter_client; ``cell`` times one cell end to end."""
-
-    def __init__(self, cwd: str) -> None:
-        from jupyter_client.manager import KernelManager
-
-        self.manager = KernelManager(kernel_name="python3")
-        self.manager.kernel_spec.argv[0] = sys.executable  # the interpreter with ranks
-        self.manager.start_kernel(cwd=cwd, env=dict(os.environ))
-        self.client = self.manager.client()
-        self.client.start_channels()
-        self.client.wait_for_ready(timeout=60)
-
-    def cell(self, code: str, timeout: float = 60.0) -> None:
-        msg_id = self.client.execute(code, store_history=False)
-        deadline = time.monotonic() + timeout
-        error = None
-        while True:
-            try:
-                msg = self.client.get_iopub_msg(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise TimeoutError(f"cell did not finish in {timeout} s: {code!r}") from None
-            if msg["parent_header"].get("msg_id") != msg_id:
-                continue
-            if msg["msg_type"] == "error":
-                error = "\n".join(msg["content"]["traceback"])
-            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-                break
-        self.client.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
-        if error is not None:
-            raise RuntimeError(f"cell {code!r} failed:\n{error}")
-
-    def close(self) -> None:
-        self.client.stop_channels()
-        # Not now=True: the kernel's exit handlers close its World (and its template).
-        self.manager.shutdown_kernel(now=False)
-
-
 def measure(calls: int) -> dict[str, list[float]]:
     import ranks
 
@@ -155,18 +118,24 @@ def measure(calls: int) -> dict[str, list[float]]:
         ))
 
         workdir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="ranks-kernel-"))
-        kernel = BenchKernel(workdir)
-        cleanup.callback(kernel.close)
-        kernel.cell("%load_ext ranks\n%ranks start -n 2")
-        kernel.cell(f"import ipyparallel as ipp\nrc = ipp.Client({url_file!r})\n"
-                    "rc.wait_for_engines(2, timeout=60)\nrc.activate()")
+        kernel = Kernel(workdir)
+        # Not now=True: the kernel's exit handlers close its World (and its template).
+        cleanup.callback(kernel.close, now=False)
+
+        def cell(code: str) -> None:
+            """One cell, timed end to end: sent, until the kernel is idle and has replied."""
+            kernel.run(code, timeout=60.0)
+
+        cell("%load_ext ranks\n%ranks start -n 2")
+        cell(f"import ipyparallel as ipp\nrc = ipp.Client({url_file!r})\n"
+             "rc.wait_for_engines(2, timeout=60)\nrc.activate()")
         results.update(alternate(
             calls,
-            kernel_pass=lambda: kernel.cell("pass"),
-            kernel_ranks=lambda: kernel.cell("%%ranks\npass"),
-            kernel_px=lambda: kernel.cell("%px pass"),
+            kernel_pass=lambda: cell("pass"),
+            kernel_ranks=lambda: cell("%%ranks\npass"),
+            kernel_px=lambda: cell("%px pass"),
         ))
-        kernel.cell("%ranks stop\nrc.close()")
+        cell("%ranks stop\nrc.close()")
     return results
 
 

@@ -3,7 +3,9 @@
 ``Kernel.execute`` runs one cell and returns everything the cell showed: the stdout and
 stderr stream text, the error (name, value, traceback) and the displayed result, plus the
 raw IOPub messages for tests that look at message order or parent headers (each with
-``msg["arrived"]``, the ``time.time()`` at which this process received it).
+``msg["arrived"]``, the ``time.time()`` at which this process received it). For a cell that
+the test acts on while it runs: ``Kernel.start`` sends it, ``Kernel.collect`` gathers the
+same later; ``Kernel.interrupt_once`` interrupts a cell once its ranks are in.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import os
 import queue
 import re
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.manager import KernelManager
@@ -69,14 +73,27 @@ class Kernel:
 
     def execute(self, code: str, timeout: float = 60.0) -> Cell:
         started = time.monotonic()
-        msg_id = self.client.execute(code, store_history=True)
+        try:
+            cell = self.collect(self.start(code), timeout)
+        except TimeoutError as error:
+            raise TimeoutError(f"{error}\nthe cell:\n{code}") from None
+        cell.seconds = time.monotonic() - started
+        return cell
+
+    def start(self, code: str) -> str:
+        """Send ``code`` as a cell and return at once: its msg_id, for :meth:`collect`."""
+        return str(self.client.execute(code, store_history=True))
+
+    def collect(self, msg_id: str, timeout: float) -> Cell:
+        """Everything the cell ``msg_id`` showed from now until the kernel is idle (and has
+        replied); TimeoutError after ``timeout`` seconds."""
         cell = Cell(msg_id)
-        deadline = started + timeout
+        deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TimeoutError(f"cell did not finish in {timeout} s:\n{code}\n"
-                                   f"stdout so far:\n{cell.stdout}\nstderr:\n{cell.stderr}")
+                raise TimeoutError(f"cell {msg_id} did not finish in {timeout} s;"
+                                   f" stdout so far:\n{cell.stdout}\nstderr:\n{cell.stderr}")
             try:
                 msg = self.client.get_iopub_msg(timeout=remaining)
             except queue.Empty:
@@ -99,7 +116,6 @@ class Kernel:
                 break
         # Drain the shell reply so the next execute starts clean.
         self.client.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
-        cell.seconds = time.monotonic() - started
         return cell
 
     def ok(self, code: str, timeout: float = 60.0) -> Cell:
@@ -115,6 +131,38 @@ class Kernel:
 
     def interrupt(self) -> None:
         self.manager.interrupt_kernel()
+
+    def interrupt_once(self, code: str, started: list[Path], *, wait: float,
+                       settle: float = 0.0, timeout: float) -> tuple[Cell, float]:
+        """Run ``code`` and interrupt the kernel once the files ``started`` exist (up to
+        ``wait`` seconds, then ``settle`` more); the cell, and the seconds from the interrupt
+        to the end of the cell. The cell as a whole has ``timeout`` seconds."""
+        done: dict[str, Any] = {}
+
+        def execute() -> None:
+            try:
+                done["cell"] = self.execute(code, timeout=timeout)
+            except BaseException as error:
+                done["error"] = error
+            done["at"] = time.monotonic()
+
+        runner = threading.Thread(target=execute, name="cell-runner")
+        runner.start()
+        try:
+            deadline = time.monotonic() + wait
+            while not all(p.exists() for p in started):
+                assert time.monotonic() < deadline, f"never appeared: {started}"
+                assert runner.is_alive(), f"the cell ended before the ranks were in: {done}"
+                time.sleep(0.02)
+            time.sleep(settle)
+        finally:
+            interrupted = time.monotonic()
+            self.interrupt()  # also when the ranks never got in: the cell must end
+            runner.join(timeout + 10)
+        assert "error" not in done, done["error"]
+        cell = done["cell"]
+        assert isinstance(cell, Cell)
+        return cell, done["at"] - interrupted
 
     def shutdown(self) -> None:
         pid = self.pid

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
 import pytest
-from kernel import Cell, Kernel
+from kernel import Kernel
 
 # The ranks' code for the interrupt tests: each rank writes its pid, says it started, and
 # sleeps; what ran of its cleanup is left as marker files in the kernel's folder.
@@ -66,32 +65,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _interrupt_during(kernel: Kernel, code: str, started: list[Path]) -> tuple[Cell, float]:
-    """Run ``code`` in the kernel, interrupt it once ``started`` exist; the cell and the
-    seconds from the interrupt to the end of the cell."""
-    done: dict[str, object] = {}
-
-    def execute() -> None:
-        try:
-            done["cell"] = kernel.execute(code, timeout=60)
-        except BaseException as error:
-            done["error"] = error
-        done["at"] = time.monotonic()
-
-    runner = threading.Thread(target=execute, name="cell-runner")
-    runner.start()
-    try:
-        _wait_for(started, 30)
-        interrupted = time.monotonic()
-        kernel.interrupt()
-    finally:
-        runner.join(70)
-    assert "error" not in done, done["error"]
-    cell = done["cell"]
-    assert isinstance(cell, Cell)
-    return cell, float(done["at"]) - interrupted  # type: ignore[arg-type]
-
-
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("ignore_interrupt", [False, True], ids=["cooperative", "ignores-sigint"])
 def test_interrupt_stops_ranks(fresh_kernel: Kernel, ignore_interrupt: bool) -> None:
@@ -100,9 +73,9 @@ def test_interrupt_stops_ranks(fresh_kernel: Kernel, ignore_interrupt: bool) -> 
     SIGINT is terminated by escalation. No rank survives, and the kernel carries on."""
     k, folder = fresh_kernel, Path(fresh_kernel.workdir)  # type: ignore[attr-defined]
     k.ok("import signal, ranks\nhandler_before = signal.getsignal(signal.SIGINT)\n" + SLEEPER)
-    cell, seconds = _interrupt_during(
-        k, f"ranks.run(work, args=({ignore_interrupt},), n=2)",
-        [folder / "started-0", folder / "started-1"],
+    cell, seconds = k.interrupt_once(
+        f"ranks.run(work, args=({ignore_interrupt},), n=2)",
+        [folder / "started-0", folder / "started-1"], wait=30, timeout=60,
     )
     assert cell.error is not None and cell.error["ename"] == "KeyboardInterrupt", cell.traceback
     assert seconds < 5.0, f"the cell took {seconds:.1f} s to end after the interrupt"

@@ -230,22 +230,31 @@ def test_template_follows_the_kernel(tmp_path: Path) -> None:
         cell(kernel, f"""
             sys.path.append({str(tmp_path)!r})
             os.chdir({str(elsewhere)!r})
-            os.environ["RANKS_TEST_LATE"] = "1"
-            del os.environ["RANKS_TEST_GONE"]
             seen = ranks.run(lambda: (
                 {str(tmp_path)!r} in sys.path,
                 os.getcwd(),
-                os.environ.get("RANKS_TEST_LATE"),
-                os.environ.get("RANKS_TEST_GONE"),
                 "late_module" in sys.modules,  # preloaded already: a chdir does not undo it
             ), n=2)
             parents = ranks.run(os.getppid, n=2)
         """)
-        expected = (True, str(elsewhere), "1", None, True)
+        expected = (True, str(elsewhere), True)
         assert [tuple(s) for s in kernel.value("seen")] == [expected, expected]
         # The same template did it: it followed, rather than being replaced.
         assert kernel.value("parents") == [template.pid, template.pid]
         assert [t.pid for t in templates(kernel.pid)] == [template.pid]
+        # Preloaded modules read the environment when the template imported them: a change
+        # of it gets a fresh template, so ranks see it as a spawned rank would.
+        cell(kernel, """
+            os.environ["RANKS_TEST_LATE"] = "1"
+            del os.environ["RANKS_TEST_GONE"]
+            env_seen = ranks.run(lambda: (os.environ.get("RANKS_TEST_LATE"),
+                                          os.environ.get("RANKS_TEST_GONE")), n=2)
+            env_parents = ranks.run(os.getppid, n=2)
+        """)
+        assert [tuple(s) for s in kernel.value("env_seen")] == [("1", None)] * 2
+        fresh = kernel.value("env_parents")
+        assert fresh[0] == fresh[1] != template.pid
+        assert [t.pid for t in templates(kernel.pid)] == [fresh[0]]
     finally:
         kernel.shutdown()
 

@@ -18,7 +18,6 @@ otherwise). Interrupts and kernel shutdowns get a kernel of their own (``fresh_k
 from __future__ import annotations
 
 import ast
-import queue
 import re
 import textwrap
 import time
@@ -69,42 +68,10 @@ def fails(kernel: Kernel, code: str, timeout: float = 60.0) -> Cell:
     return cell
 
 
-def collect(kernel: Kernel, msg_id: str, timeout: float) -> Cell:
-    """Everything the cell ``msg_id`` showed until the kernel went idle (as Kernel.execute)."""
-    cell = Cell(msg_id)
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"cell {msg_id} did not finish in {timeout} s;"
-                               f" stdout so far:\n{cell.stdout}")
-        try:
-            msg = kernel.client.get_iopub_msg(timeout=remaining)
-        except queue.Empty:
-            continue
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        cell.messages.append(msg)
-        kind, content = msg["msg_type"], msg["content"]
-        if kind == "stream":
-            if content["name"] == "stdout":
-                cell.stdout += content["text"]
-            else:
-                cell.stderr += content["text"]
-        elif kind == "error":
-            cell.error = content
-        elif kind == "execute_result":
-            cell.result = content["data"].get("text/plain")
-        elif kind == "status" and content["execution_state"] == "idle":
-            break
-    kernel.client.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
-    return cell
-
-
-def interrupted(kernel: Kernel, code: str, wait_for: str) -> tuple[Cell, float]:
-    """Start ``code``, interrupt the kernel once ``wait_for`` was printed; the cell, and the
-    seconds from the interrupt to the kernel being idle again."""
-    msg_id = kernel.client.execute(textwrap.dedent(code).strip("\n"))
+def interrupted(kernel: Kernel, code: str, wait_for: str, within: float) -> Cell:
+    """Start ``code``, interrupt the kernel once ``wait_for`` was printed; the cell, which
+    must end with KeyboardInterrupt within ``within`` seconds of the interrupt."""
+    msg_id = kernel.start(textwrap.dedent(code).strip("\n"))
     seen = ""
     deadline = time.monotonic() + 30
     while wait_for not in seen:  # the ranks are in the user's code, not still starting it
@@ -115,9 +82,12 @@ def interrupted(kernel: Kernel, code: str, wait_for: str) -> tuple[Cell, float]:
     time.sleep(0.5)
     sent = time.monotonic()
     kernel.interrupt()
-    cell = collect(kernel, msg_id, timeout=30)
+    cell = kernel.collect(msg_id, timeout=30)
+    took = time.monotonic() - sent
     cell.stdout = seen + cell.stdout
-    return cell, time.monotonic() - sent
+    assert cell.error is not None and cell.error["ename"] == "KeyboardInterrupt", cell.traceback
+    assert took < within, took
+    return cell
 
 
 @pytest.fixture(scope="module")
@@ -554,14 +524,12 @@ def _prepare(kernel: Kernel) -> None:
 def test_interrupt_stops_the_ranks_code_and_keeps_their_state(fresh_kernel: Kernel) -> None:
     _prepare(fresh_kernel)
     pids = fresh_kernel.value("rank_pids()")
-    cell, took = interrupted(fresh_kernel, """
+    cell = interrupted(fresh_kernel, """
         %%ranks
         print("looping", flush=True)
         while True:
             time.sleep(0.05)
-    """, wait_for="looping")
-    assert cell.error is not None and cell.error["ename"] == "KeyboardInterrupt", cell.traceback
-    assert took < RESPONSIVE_WITHIN, took
+    """, wait_for="looping", within=RESPONSIVE_WITHIN)
     assert "did not stop in time" not in cell.traceback
     after = run(fresh_kernel, "%%ranks\nprint(kept)")
     assert sorted(after.stdout.splitlines()) == ["[rank 0] state", "[rank 1] state"]
@@ -569,16 +537,14 @@ def test_interrupt_stops_the_ranks_code_and_keeps_their_state(fresh_kernel: Kern
 
     # The same through World.run: the interrupt reaches the function, the World carries on.
     run(fresh_kernel, "w = ranks.World(n=2)\nw.push(kept='run state')\nw_pids = w.run(os.getpid)")
-    cell, took = interrupted(fresh_kernel, """
+    interrupted(fresh_kernel, """
         def loop():
             print("running", flush=True)
             while True:
                 time.sleep(0.05)
 
         w.run(loop)
-    """, wait_for="running")
-    assert cell.error is not None and cell.error["ename"] == "KeyboardInterrupt", cell.traceback
-    assert took < RESPONSIVE_WITHIN, took
+    """, wait_for="running", within=RESPONSIVE_WITHIN)
     assert fresh_kernel.value("w.pull('kept'), w.run(os.getpid) == w_pids, 6 * 7") == (
         ["run state", "run state"], True, 42
     )
@@ -591,15 +557,13 @@ def test_interrupt_kills_ranks_that_ignore_it_and_breaks_the_world(
 ) -> None:
     _prepare(fresh_kernel)
     pids = fresh_kernel.value("rank_pids()")
-    cell, took = interrupted(fresh_kernel, """
+    cell = interrupted(fresh_kernel, """
         %%ranks
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         print("deaf", flush=True)
         while True:
             time.sleep(0.05)
-    """, wait_for="deaf")
-    assert cell.error is not None and cell.error["ename"] == "KeyboardInterrupt", cell.traceback
-    assert took < UNRESPONSIVE_WITHIN, took
+    """, wait_for="deaf", within=UNRESPONSIVE_WITHIN)
     assert "did not stop in time and were killed" in cell.traceback
     assert "this World is broken" in cell.traceback
     assert fresh_kernel.value("gone(rank_pids()), 6 * 7") == ([True, True], 42)
@@ -612,7 +576,7 @@ def test_interrupt_kills_ranks_that_ignore_it_and_breaks_the_world(
 
     # World.run with a function that ignores the interrupt: killed, broken, kernel fine.
     run(fresh_kernel, "w = ranks.World(n=2)\nw_pids = w.run(os.getpid)")
-    cell, took = interrupted(fresh_kernel, """
+    interrupted(fresh_kernel, """
         def deaf():
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             print("deaf", flush=True)
@@ -620,9 +584,7 @@ def test_interrupt_kills_ranks_that_ignore_it_and_breaks_the_world(
                 time.sleep(0.05)
 
         w.run(deaf)
-    """, wait_for="deaf")
-    assert cell.error is not None and cell.error["ename"] == "KeyboardInterrupt", cell.traceback
-    assert took < UNRESPONSIVE_WITHIN, took
+    """, wait_for="deaf", within=UNRESPONSIVE_WITHIN)
     assert fresh_kernel.value("repr(w), gone(w_pids)") == (
         "<ranks.World of 2 ranks, broken>", [True, True]
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ class RankInfo:
         rank was given (the kernel's GPU ``gpu``).
         """
         name = "cpu" if self.gpu is None else f"cuda:{self.local_rank}"
-        if importlib.util.find_spec("torch") is None:
+        if "torch" not in sys.modules and importlib.util.find_spec("torch") is None:
             return name
         import torch
 

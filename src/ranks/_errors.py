@@ -111,6 +111,10 @@ class RanksTimeout(RanksError):
 
     def _message(self) -> str:
         running = sorted(self.stacks)
+        if not running:
+            return (f"the call did not finish within {self.timeout:g} s: the ranks were still"
+                    " starting (the warm template imports torch and the notebook's modules"
+                    " once per kernel); nothing was left running")
         text = (
             f"the call did not finish within {self.timeout:g} s; ranks {running} were still"
             " running and have been stopped. Where each one was:"

@@ -48,7 +48,6 @@ RATE_LINES = 200.0
 # as one line for the rate, so long lines cannot carry a flood past the limit in bytes.
 MAX_LINE_CHARS = 10_000
 CHARS_PER_LINE = 1_000
-PROGRESS_INTERVAL = 0.1  # notebook displays redraw at most this often
 DROP_REPORT_INTERVAL = 2.0
 
 

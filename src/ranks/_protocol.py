@@ -7,7 +7,7 @@ The user's NCCL/Gloo traffic never uses this channel, and the ranks' output has 
 
     kernel                                   rank
       | -- Init (sys.path, cwd, placement) --> |
-      | <------------- Ready (pid, device) --- |   (after torch.distributed, if asked)
+      | <------------- Ready (pid) --- |   (after torch.distributed, if asked)
       | -- Call (run | exec | push | pull) --> |
       | <------------------ Done | Failed ---- |   (one per Call)
       | <------------------------ Interrupted -- |   SIGINT reached Python on the rank

@@ -9,6 +9,7 @@ note, so the cell leads with the root cause and not with its echoes.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 
 from . import _serialize
@@ -44,13 +45,16 @@ def _exception_of(
     reply = outcome.reply
     assert isinstance(reply, Failed), reply
     where = f"rank {outcome.rank} (pid {pids.get(outcome.rank)}, {devices.get(outcome.rank)})"
-    error: BaseException
-    if reply.error is None:
-        error = RankFailed(outcome.rank, reply.type_name, reply.message, reply.traceback)
-    else:
-        error = _serialize.loads(reply.error)
-    error.__cause__ = RankTraceback(reply.traceback)
+    error: BaseException = RankFailed(outcome.rank, reply.type_name, reply.message,
+                                      reply.traceback)
+    if reply.error is not None:
+        # Its class may live in a module only the rank can import: then RankFailed, which
+        # keeps the type's name, the message and the traceback, stands in for it.
+        with contextlib.suppress(Exception):
+            error = _serialize.loads(reply.error)
     verb = "raised" if reply.during == "running the function" else f"failed while {reply.during}"
+    # In the traceback's text too: Python 3.10 prints no notes.
+    error.__cause__ = RankTraceback(f"{verb} on {where}:\n{reply.traceback}")
     add_note(error, f"ranks: {verb} on {where}")
     return error
 

@@ -49,7 +49,7 @@ def run(
     shown = _shown_ranks(output, len(specs))
     payload = _serialize.dumps_call(fn, args, kwargs)  # refuse what cannot travel, first
     started = time.monotonic()
-    world = World._started(specs, torch_dist, extra_env, timeout)
+    world = World._started(specs, torch_dist, extra_env, timeout, shown, started)
     try:
         payloads = dict.fromkeys(range(len(specs)), payload)
         return world._call(CallKind.RUN, payloads, timeout, shown, started)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -28,7 +27,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from ._placement import RankSpec
@@ -166,8 +165,7 @@ def _process_sentinel(popen: subprocess.Popen[bytes]) -> int:
 
 
 def _readable(fd: int) -> bool:
-    ready, _, _ = select.select([fd], [], [], 0)
-    return bool(ready)
+    return bool(wait([fd], 0))  # not select(): it fails for fds above 1023
 
 
 def close_quietly(fd: int) -> None:

@@ -40,7 +40,7 @@ from ._output import OutputRouter, Sink, TerminalSink, new_log_dir
 from ._placement import RankSpec
 from ._protocol import Call, CallKind, Close, Done, Failed, Init, Interrupted, Ready
 from ._spawn import RankProcess
-from ._template import launch_rank
+from ._template import launch_ranks, settle_closed_templates
 
 log = logging.getLogger("ranks")
 
@@ -67,7 +67,8 @@ DEATH_SEEN_LATE = 0.1
 _ESCALATION = (
     (signal.SIGINT, INTERRUPT_GRACE),
     (signal.SIGTERM, TERMINATE_GRACE),
-    (signal.SIGKILL, KILL_GRACE),
+    # getattr: importing ranks must work where SIGKILL does not exist (World refuses there).
+    (getattr(signal, "SIGKILL", signal.SIGTERM), KILL_GRACE),
 )
 _READ_CHUNK = 1 << 16
 # Chunks read from one pipe per wake-up: a rank that writes faster than the kernel routes
@@ -120,14 +121,31 @@ class Supervisor:
 
     # --- life cycle -------------------------------------------------------------------
 
-    def start(self, init_for: Callable[[RankSpec], Init], timeout: float | None) -> WaitResult:
-        """Spawn every rank and wait until each is Ready (or one fails: then stop the rest)."""
-        started = time.monotonic()
-        for spec in self.specs:
-            stacks = os.path.join(self._tmpdir, f"stacks-{spec.rank}.txt")
-            proc = launch_rank(spec, self._envs[spec.rank], self._cwd, stacks)
-            self._procs[spec.rank] = proc
-            _protocol.send(proc.conn, init_for(spec))
+    def start(
+        self,
+        init_for: Callable[[RankSpec], Init],
+        timeout: float | None,
+        shown: Callable[[int], bool],
+        started: float | None = None,
+    ) -> WaitResult:
+        """Start every rank and wait until each is Ready (or one fails: then stop the rest).
+
+        ``timeout`` counts from ``started`` (default: now) and covers launching too.
+        """
+        started = time.monotonic() if started is None else started
+        deadline = None if timeout is None else started + timeout
+        self._shown = shown
+        requests = [
+            (spec, self._envs[spec.rank], self._cwd,
+             os.path.join(self._tmpdir, f"stacks-{spec.rank}.txt"))
+            for spec in self.specs
+        ]
+        try:
+            for proc in launch_ranks(requests, deadline):
+                self._procs[proc.spec.rank] = proc
+                _protocol.send(proc.conn, init_for(proc.spec))
+        except TimeoutError:
+            raise RanksTimeout(timeout or 0.0, {}) from None
         self.router.begin_call(self._shown)
         try:
             return self._wait([s.rank for s in self.specs], Ready, None, started, timeout,
@@ -140,39 +158,57 @@ class Supervisor:
         if self._closed:
             return
         self._closed = True
-        self._drain()  # no call is bound: what ranks wrote since the last one, to the logs
-        self.router.begin_call(self._shown)
+        interrupted = False
+        try:
+            with self._interrupts_as_messages():
+                self._drain()  # no call is bound: what ranks wrote since the last, to the logs
+                self.router.begin_call(self._shown)
+                interrupted = self._close_ranks()
+        except KeyboardInterrupt:  # where our handler could not be installed
+            interrupted = True
+            for proc in self._procs.values():
+                proc.signal_group(signal.SIGKILL)
+        finally:
+            # Whatever happened above: nothing of this World outlives its close.
+            for proc in self._procs.values():
+                proc.signal_group(signal.SIGKILL)  # children a rank left behind
+                for fd in list(proc.output):
+                    self._read_output(proc, fd)
+                proc.release()
+            self.router.end_call()
+            self.router.close()
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            for fd in self._interrupt_pipe:
+                os.close(fd)
+            settle_closed_templates()
+        if interrupted:
+            raise KeyboardInterrupt
+
+    def _close_ranks(self) -> bool:
+        """Close, then escalate for ranks that do not exit; True if interrupted meanwhile."""
         live = [p for p in self._procs.values() if p.alive]
         for proc in live:
             with contextlib.suppress(OSError):  # already gone: its sentinel says so below
                 _protocol.send(proc.conn, Close())
-        deadline = time.monotonic() + CLOSE_GRACE
+        deadline: float | None = time.monotonic() + CLOSE_GRACE
         waiting = {p.spec.rank for p in live}
-        with self._interrupts_as_messages():
-            while waiting:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 and not self._escalating:
-                    log.info("ranks %s did not exit %.0f s after Close; terminating them",
-                             sorted(waiting), CLOSE_GRACE)
-                    self._escalate(waiting, first_step=1)
-                try:
-                    self._pump(waiting, None, deadline, {})
-                except KeyboardInterrupt:  # where our handler could not be installed
-                    self._interrupts_seen += 1
-                if self._interrupts_seen:
-                    # Interrupted while closing: no more patience, but still no leftovers.
-                    self._interrupts_seen = 0
-                    self._escalate(waiting, first_step=2)
-        for proc in self._procs.values():
-            proc.signal_group(signal.SIGKILL)  # children a rank left behind (it has exited)
-            for fd in list(proc.output):
-                self._read_output(proc, fd)
-            proc.release()
-        self.router.end_call()
-        self.router.close()
-        shutil.rmtree(self._tmpdir, ignore_errors=True)
-        for fd in self._interrupt_pipe:
-            os.close(fd)
+        interrupted = False
+        while waiting:
+            if deadline is not None and time.monotonic() >= deadline:
+                log.info("ranks %s did not exit %.0f s after Close; terminating them",
+                         sorted(waiting), CLOSE_GRACE)
+                self._escalate(waiting, first_step=1)
+                deadline = None  # from here the escalation's own timers wake the wait
+            try:
+                self._pump(waiting, None, deadline, {})
+            except KeyboardInterrupt:  # where our handler could not be installed
+                self._interrupts_seen += 1
+            if self._interrupts_seen:
+                # Interrupted while closing: no more patience, but still no leftovers.
+                self._interrupts_seen = 0
+                interrupted = True
+                self._escalate(waiting, first_step=2)
+        return interrupted
 
     def kill(self) -> None:
         """Stop now: SIGKILL every rank's process group, then release like close()."""

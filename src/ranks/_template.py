@@ -38,10 +38,12 @@ import struct
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import threading
+import time
 import traceback
-from collections.abc import Iterable, Mapping
-from multiprocessing.connection import Connection
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from ._lifeline import watch_parent
@@ -87,28 +89,39 @@ def _can_fork() -> bool:
 
 
 class Template:
-    """The kernel's handle on its template process. Thread-unsafe, like the World."""
+    """The kernel's handle on its template process.
+
+    Not thread-safe by itself: the module's functions below hold ``_lock`` around every use,
+    so Worlds started from several threads share one template safely.
+    """
 
     def __init__(self, denied: Iterable[str] = ()) -> None:
         self.denied = set(denied)
         self.report: dict[str, Any] = {}
+        self.log_path = _template_log_path()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             boot = _BOOT.format(parent=PACKAGE_PARENT)
-            self._popen = subprocess.Popen(
-                [sys.executable, "-c", boot, str(theirs.fileno()), str(os.getpid())],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(),), start_new_session=True,
-            )
+            with open(self.log_path, "ab") as log_file:  # its own failures, for the user
+                self._popen = subprocess.Popen(
+                    [sys.executable, "-c", boot, str(theirs.fileno()), str(os.getpid())],
+                    stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                    pass_fds=(theirs.fileno(),), start_new_session=True,
+                )
         except BaseException:
             ours.close()
             raise
         finally:
             theirs.close()
         self._sock = ours
+        self._closed = False
+        self.live_ranks = 0  # forked and not yet reaped: a closed template waits for them
         self._ready = False
         self._sent_modules: set[str] = set()
         self._sources: dict[str, tuple[int, int] | None] = {}  # file -> its stamp when sent
+        # Preloaded modules read the environment when the template imported them: a rank
+        # forked after the kernel changed it would see the old values at those reads.
+        self._environ = _environment()
         self.preload(_kernel_modules(self.denied))
 
     @property
@@ -117,16 +130,14 @@ class Template:
 
     @property
     def alive(self) -> bool:
-        return self._popen.poll() is None
+        """Running and in step with us (a request cut short leaves its reply unread)."""
+        return not self._closed and self._popen.poll() is None
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, deadline: float | None = None) -> None:
         """Block until the template has preloaded and checked itself; raise if it failed."""
         if self._ready:
             return
-        ready, _, _ = select.select([self._sock], [], [], READY_TIMEOUT)
-        if not ready:
-            raise RuntimeError(f"the ranks template did not start in {READY_TIMEOUT:g} s")
-        reply, _ = self._recv()
+        reply, _ = self._recv(deadline, f"did not start in {READY_TIMEOUT:g} s")
         if reply[0] != "ready":
             raise RuntimeError(f"the ranks template failed to start: {reply[1]}")
         self.report = reply[1]
@@ -147,25 +158,32 @@ class Template:
             new = [name for name in new if found[name.partition(".")[0]]]
             self._sources.update(_source_stamps(new))
             # The template imports them from the kernel's folder and sys.path as they are now.
-            self._send(("config", list(sys.path), os.getcwd(), sorted(self.denied)))
+            self._send(("config", list(sys.path), os.getcwd()))
             self._send(("preload", new))
 
     def stale(self) -> bool:
-        """Has a notebook module it imported changed on disk since (edited, reloaded)?"""
+        """Has a notebook module it imported changed on disk (an edit, a reload), or the
+        kernel's environment, since? A spawned rank would see the new state."""
+        if _environment() != self._environ:
+            return True
         return any(_stamp(path) != stamp for path, stamp in self._sources.items())
 
     def fork_rank(
-        self, spec: RankSpec, env: Mapping[str, str], cwd: str, stacks_path: str
+        self, spec: RankSpec, env: Mapping[str, str], cwd: str, stacks_path: str,
+        deadline: float | None,
     ) -> RankProcess:
-        self.wait_ready()
+        self.wait_ready(deadline)
         parent_sock, child_sock = socket.socketpair()
         out_read, out_write = os.pipe()
         err_read, err_write = os.pipe()
         try:
             request = pickle.dumps(("fork", dict(env), cwd, stacks_path))
             socket.send_fds(self._sock, [request], [child_sock.fileno(), out_write, err_write])
-            reply, fds = self._recv()
+            reply, fds = self._recv(deadline, "did not fork a rank in time")
         except BaseException:
+            # Interrupted, or out of time, between the request and its reply: that reply
+            # would answer our next request. Nobody uses this template again.
+            self.close()
             parent_sock.close()
             for fd in (out_read, err_read):
                 close_quietly(fd)
@@ -181,25 +199,45 @@ class Template:
         exit_read = fds[0]
         for fd in (out_read, err_read):
             os.set_blocking(fd, False)
+        self.live_ranks += 1
+
+        def collect_status() -> int:
+            self.live_ranks -= 1
+            return _read_status(exit_read)
+
         return RankProcess(
             spec=spec, pid=reply[1], conn=Connection(parent_sock.detach()),
             sentinel=exit_read, output={out_read: "stdout", err_read: "stderr"},
-            stacks_path=stacks_path, collect_status=lambda: _read_status(exit_read),
+            stacks_path=stacks_path, collect_status=collect_status,
         )
 
     def close(self) -> None:
         """Let the template go: it exits once the ranks it forked have exited."""
+        self._closed = True
         with contextlib.suppress(OSError):
             self._sock.close()
 
     def _send(self, message: tuple[Any, ...]) -> None:
         self._sock.send(pickle.dumps(message))
 
-    def _recv(self) -> tuple[tuple[Any, ...], list[int]]:
+    def _recv(self, deadline: float | None, late: str) -> tuple[tuple[Any, ...], list[int]]:
+        limit = time.monotonic() + READY_TIMEOUT
+        if deadline is not None:
+            limit = min(limit, deadline)
+        if not wait([self._sock], max(0.0, limit - time.monotonic())):
+            raise TimeoutError(f"the ranks template {late}")
         data, fds, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, 4)
         if not data:
-            raise RuntimeError("the ranks template exited")
+            raise RuntimeError(f"the ranks template exited (its log: {self.log_path})")
         return pickle.loads(data), fds
+
+
+# Set per test phase by pytest: a change of it says nothing about what modules read.
+_VOLATILE_VARIABLES = frozenset({"PYTEST_CURRENT_TEST"})
+
+
+def _environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _VOLATILE_VARIABLES}
 
 
 def _read_status(exit_read: int) -> int:
@@ -287,28 +325,30 @@ class TemplateUnsafe(RuntimeError):
         self.module = module
 
 
-def get_template() -> Template:
-    """The kernel's template, started now if there is none, the last died or went unsafe."""
+def get_template(deadline: float | None = None) -> Template:
+    """The kernel's template, started now if there is none, the last died or went stale."""
     global _template
     if _template is not None and _template.alive:
         if not _template.stale():
             _template.preload(_kernel_modules(_template.denied))
             return _template
-        # A rank forked from it would run the module as the template imported it, where a
-        # spawned rank imports the file as it is now (an edit, %autoreload, reload()).
-        log.info("ranks template: a notebook module changed on disk; starting a fresh one")
+        # A rank forked from it would run a module, or read the environment, as they were
+        # when the template imported it; a spawned rank sees them as they are now.
+        log.info("ranks template: a notebook module or the environment changed; restarting")
     _register_exit_hook()
     close_template()
     for _ in range(_MAX_STARTS):
         _template = Template(_denied)
         try:
-            _template.wait_ready()
+            _template.wait_ready(deadline)
             poisoned = _template.report.get("poisoned")
             if poisoned is None:
                 return _template
             raise TemplateUnsafe(poisoned, _template.report.get("why", "?"))
         except TemplateUnsafe as unsafe:
             forget_unsafe(unsafe)
+        except TimeoutError:
+            raise  # still starting: the next call may find it ready
         except BaseException:
             close_template()
             raise
@@ -318,40 +358,54 @@ def get_template() -> Template:
 def forget_unsafe(unsafe: TemplateUnsafe) -> None:
     """Leave the culprit out from now on and let the unsafe template go."""
     log.warning("ranks template: %s; starting a new one without it", unsafe)
+    close_template()
     if unsafe.module == "(template)":
-        close_template()
         raise RuntimeError(str(unsafe)) from None
     _denied.add(unsafe.module.partition(".")[0])
-    close_template()
 
 
 _unavailable: str | None = None  # why the template failed for good in this kernel
+_lock = threading.RLock()  # Worlds may start from several threads; the template is one
 
 
-def launch_rank(
-    spec: RankSpec, env: Mapping[str, str], cwd: str, stacks_path: str
-) -> RankProcess:
-    """Start one rank the fastest safe way: forked from the template, else spawned."""
+def launch_ranks(
+    requests: Sequence[tuple[RankSpec, Mapping[str, str], str, str]], deadline: float | None,
+) -> Iterator[RankProcess]:
+    """Start ranks (spec, env, cwd, stacks_path) the fastest safe way: forked from the
+    template, else spawned. TimeoutError when ``deadline`` passes first."""
+    with _lock:
+        template = _usable_template(deadline)
+        for spec, env, cwd, stacks_path in requests:
+            while template is not None:
+                try:
+                    process = template.fork_rank(spec, env, cwd, stacks_path, deadline)
+                    break
+                except TemplateUnsafe as unsafe:
+                    with contextlib.suppress(RuntimeError):
+                        forget_unsafe(unsafe)
+                    template = _usable_template(deadline)
+            else:
+                process = spawn_rank(spec, env, cwd, stacks_path)
+            yield process
+
+
+def _usable_template(deadline: float | None) -> Template | None:
+    """The template to fork from, or None for spawn (one fresh start allowed on failure)."""
     global _unavailable
-    failures = 0
-    while start_method() == "template" and _unavailable is None:
+    if start_method() != "template" or _unavailable is not None:
+        return None
+    for attempt in range(2):
         try:
-            return get_template().fork_rank(spec, env, cwd, stacks_path)
-        except TemplateUnsafe as unsafe:
-            try:
-                forget_unsafe(unsafe)
-            except RuntimeError as error:
-                _unavailable = str(error)
+            return get_template(deadline)
+        except TimeoutError:
+            raise
         except (RuntimeError, OSError) as error:
-            # A template that died or broke: a fresh one once, then spawn for good.
             close_template()
-            failures += 1
-            if failures >= 2:
+            if attempt == 1:
                 _unavailable = str(error)
-        if _unavailable is not None:
-            log.warning("ranks: the warm template is unavailable (%s); ranks start by spawn"
-                        " in this kernel from now on", _unavailable)
-    return spawn_rank(spec, env, cwd, stacks_path)
+                log.warning("ranks: the warm template is unavailable (%s); ranks start by"
+                            " spawn in this kernel from now on", error)
+    return None
 
 
 _closed_templates: list[Template] = []  # let go, still serving their last ranks
@@ -360,21 +414,33 @@ _closed_templates: list[Template] = []  # let go, still serving their last ranks
 def close_template() -> None:
     """Let the template go (it exits once its ranks have); safe to call again."""
     global _template
-    if _template is not None:
-        _template.close()
-        _closed_templates.append(_template)
-        _template = None
-    # Reap those that have exited since, so none lingers as a zombie child of the kernel.
-    _closed_templates[:] = [t for t in _closed_templates if t.alive]
+    with _lock:
+        if _template is not None:
+            _template.close()
+            _closed_templates.append(_template)
+            _template = None
+        settle_closed_templates()
+
+
+def settle_closed_templates() -> None:
+    """Reap the templates let go whose ranks have all ended: they exit at once then, and
+    must not linger as zombie children of the kernel."""
+    with _lock:
+        for template in _closed_templates:
+            if template.live_ranks == 0:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    template._popen.wait(timeout=2.0)
+        _closed_templates[:] = [t for t in _closed_templates if t._popen.poll() is None]
 
 
 def prestart() -> None:
     """Start the template now, without waiting for it (``%load_ext ranks``)."""
     global _template
-    if start_method() != "template" or _unavailable is not None or _template is not None:
-        return
-    _register_exit_hook()
-    _template = Template(_denied)
+    with _lock:
+        if start_method() != "template" or _unavailable is not None or _template is not None:
+            return
+        _register_exit_hook()
+        _template = Template(_denied)
 
 
 _exit_hook_registered = False
@@ -386,6 +452,13 @@ def _register_exit_hook() -> None:
     if not _exit_hook_registered:
         atexit.register(close_template)
         _exit_hook_registered = True
+
+
+def _template_log_path() -> str:
+    """Where the template's own output goes (import errors, a crash): next to rank logs."""
+    root = os.path.join(tempfile.gettempdir(), f"ranks-logs-{os.getuid()}")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    return os.path.join(root, f"template-of-kernel-{os.getpid()}.log")
 
 
 # --- template side -----------------------------------------------------------------------
@@ -421,7 +494,7 @@ def serve(argv: list[str]) -> None:
                 continue
             message = pickle.loads(data)
             if message[0] == "config":
-                _, sys_path, cwd, _denied_modules = message
+                _, sys_path, cwd = message
                 sys.path[:] = sys_path
                 with contextlib.suppress(OSError):
                     os.chdir(cwd)

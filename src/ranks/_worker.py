@@ -55,7 +55,9 @@ def main(argv: list[str]) -> None:
     faulthandler.enable(file=2, all_threads=True)  # fd 2: the pipe to the kernel
     # SIGUSR1 dumps every thread's stack to a file the kernel reads on a timeout; the dump
     # happens in the signal handler, so it works while the main thread is stuck in C code.
-    stacks_file = open(stacks_path, "w")  # noqa: SIM115 - lives as long as the process
+    # Appending: the kernel empties the file before each dump, and the dump must then start
+    # at its beginning, not at the offset the last one ended at.
+    stacks_file = open(stacks_path, "a")  # noqa: SIM115 - lives as long as the process
     faulthandler.register(signal.SIGUSR1, file=stacks_file, all_threads=True)
     _line_buffer_c_stdio()
 
@@ -69,7 +71,8 @@ def main(argv: list[str]) -> None:
     try:
         _set_up_devices(init)
     except BaseException as error:
-        _protocol.send(conn, _failure(None, error, "starting torch.distributed", skip=0))
+        during = "setting up its GPU and torch.distributed"
+        _protocol.send(conn, _failure(None, error, during, skip=0))
         os._exit(1)
     # Before Ready: from then on the kernel may send SIGINT at any moment (a peer failed,
     # the kernel was interrupted), and Python's default handler would kill a rank that is
@@ -307,9 +310,21 @@ def _fill_missing_globals(fn: Any, namespace: dict[str, Any]) -> None:
     func = getattr(fn, "__func__", fn)
     if not isinstance(func, types.FunctionType) or func.__globals__ is namespace:
         return
-    for name in _serialize.global_names(func.__code__):
-        if name not in func.__globals__ and name in namespace:
-            func.__globals__[name] = namespace[name]
+    shared = func.__globals__
+    # The notebook helpers fn calls share its globals (cloudpickle sends them together):
+    # the names they use count too.
+    todo, seen = [func], set()
+    while todo:
+        code = todo.pop().__code__
+        if code in seen:
+            continue
+        seen.add(code)
+        for name in _serialize.global_names(code):
+            value = shared.get(name)
+            if isinstance(value, types.FunctionType) and value.__globals__ is shared:
+                todo.append(value)
+            elif name not in shared and name in namespace:
+                shared[name] = namespace[name]
 
 
 def _pull(namespace: dict[str, Any], name: str) -> Any:

@@ -73,21 +73,23 @@ class World:
     ) -> None:
         __tracebackhide__ = True
         specs, extra_env = _check_world(n, gpus, torch_dist, env, backend)
-        self._start(specs, torch_dist, extra_env, timeout=None)
+        self._start(specs, torch_dist, extra_env, None, lambda rank: True, None)
 
     @classmethod
     def _started(
         cls, specs: list[RankSpec], torch_dist: bool, extra_env: Mapping[str, str],
-        timeout: float | None,
+        timeout: float | None, shown: Callable[[int], bool], started: float,
     ) -> World:
+        """ranks.run's own World: the user never sees it, and its call's ``timeout`` and
+        ``output`` already apply while it starts."""
         world = cls.__new__(cls)
-        world._one_shot = True  # ranks.run's own: the user never sees this World
-        world._start(specs, torch_dist, extra_env, timeout)
+        world._one_shot = True
+        world._start(specs, torch_dist, extra_env, timeout, shown, started)
         return world
 
     def _start(
         self, specs: list[RankSpec], torch_dist: bool, extra_env: Mapping[str, str],
-        timeout: float | None,
+        timeout: float | None, shown: Callable[[int], bool], started: float | None,
     ) -> None:
         __tracebackhide__ = True
         self._specs = specs
@@ -99,15 +101,15 @@ class World:
         self._supervisor = Supervisor(specs, envs, cwd)
         self._finalizer = weakref.finalize(self, self._supervisor.close)
         try:
-            started = self._supervisor.start(
+            ready = self._supervisor.start(
                 lambda spec: Init(spec.rank, spec.world_size, spec.gpu, torch_dist, sys_path, cwd,
                                   self._supervisor.rendezvous_path),
-                timeout,
+                timeout, shown, started,
             )
         except BaseException:
             self._finalizer()
             raise
-        error = self._failure_of(started)
+        error = self._failure_of(ready)
         if error is not None:
             self._finalizer()
             raise error
@@ -220,7 +222,8 @@ class World:
             raise RanksError("this World is closed; start a new one")
         # A rank can also die between calls (the OOM killer, a stray kill): say so rather
         # than fail on its closed channel.
-        self._mark_broken_if_dead()
+        if not self._one_shot:  # ranks.run's rank that died meanwhile: RankCrashed below
+            self._mark_broken_if_dead()
         if self._broken is not None:
             raise WorldBroken(self._broken)
         cells = _notebook.cell_sources(self._sent_cells)
@@ -273,6 +276,9 @@ def _check_world(
 ) -> tuple[list[RankSpec], dict[str, str]]:
     if backend != "local":
         raise ValueError(f"backend={backend!r} is not available; use backend='local'")
+    if os.name != "posix":
+        raise RanksError("ranks starts its ranks on Linux and macOS; this system is not"
+                         " supported yet")
     if not isinstance(torch_dist, bool):
         raise TypeError(f"torch_dist must be True or False, not {torch_dist!r}")
     extra = _check_env(env)

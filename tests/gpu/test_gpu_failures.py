@@ -19,14 +19,12 @@ next call works (a fresh NCCL all-reduce). The figures go into the measurements 
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import gpu_measure
 import pytest
-from kernel import Cell, Kernel
+from kernel import Kernel
 
 GPUS = gpu_measure.gpu_count()
 TESTS = str(Path(__file__).resolve().parent.parent)
@@ -160,47 +158,18 @@ def test_failure_while_peer_waits_in_nccl(kernel: Kernel, how: str, tmp_path: Pa
     figures["after"] = _after(kernel, tmp_path, kernel_pid, kernel_before)
 
 
-def _interrupt_during(kernel: Kernel, code: str, started: list[Path]) -> tuple[Cell, float]:
-    """Run ``code`` in the kernel and interrupt it once ``started`` exist (and a moment
-    more); the cell and the seconds from the interrupt to the end of the cell."""
-    done: dict[str, Any] = {}
-
-    def execute() -> None:
-        try:
-            done["cell"] = kernel.execute(code, timeout=150)
-        except BaseException as error:
-            done["error"] = error
-        done["at"] = time.monotonic()
-
-    runner = threading.Thread(target=execute, name="cell-runner")
-    runner.start()
-    try:
-        deadline = time.monotonic() + 120  # start-up: a fresh kernel's template, NCCL
-        while not all(p.exists() for p in started):
-            assert time.monotonic() < deadline, f"never appeared: {started}"
-            assert runner.is_alive(), f"the cell ended before the ranks were in: {done}"
-            time.sleep(0.05)
-        time.sleep(INTERRUPT_AFTER)  # rank 0 is blocked in CUDA, rank 1 in time.sleep
-    finally:
-        interrupted = time.monotonic()
-        kernel.interrupt()  # also when the ranks never got in: the cell must end
-        runner.join(160)
-    assert "error" not in done, done["error"]
-    cell = done["cell"]
-    assert isinstance(cell, Cell)
-    return cell, done["at"] - interrupted
-
-
 @pytest.mark.timeout(300)
 def test_interrupt_while_rank_waits_in_nccl(fresh_kernel: Kernel, tmp_path: Path) -> None:
     folder = tmp_path / "case"  # the ranks' marker files, apart from the kernel's own
     folder.mkdir()
     kernel_pid, kernel_before = _setup(fresh_kernel)
     fresh_kernel.ok("handler_before = signal.getsignal(signal.SIGINT)")
-    cell, seconds = _interrupt_during(
-        fresh_kernel,
+    cell, seconds = fresh_kernel.interrupt_once(
         f"ranks.run(fail_in_nccl, args=({str(folder)!r}, 'sleep'), torch_dist=True)",
         [folder / "started-0", folder / "started-1"],
+        wait=120,  # start-up: a fresh kernel's template, NCCL
+        settle=INTERRUPT_AFTER,  # rank 0 is blocked in CUDA, rank 1 in time.sleep
+        timeout=150,
     )
     figures: dict[str, Any] = {"since_interrupt_s": seconds,
                                "traceback_tail": cell.traceback[-1500:]}

@@ -193,19 +193,26 @@ def _same(values: list[float]) -> bool:
     return all(abs(v - values[0]) <= 1e-6 * max(1.0, abs(values[0])) for v in values)
 
 
+def _trained_together(results: list[dict[str, Any]]) -> None:
+    """What both libraries must show: a GPU per rank, one NCCL group, the data split over
+    the ranks, and weights that DDP kept equal."""
+    for rank, r in enumerate(results):
+        assert r["device"] == f"cuda:{rank}", r
+        assert r["backend"] == "nccl", r
+        assert r["batches"] == 8 // GPUS, r  # 64 samples, batches of 8, split over the ranks
+        assert len(r["weights"]) == GPUS and _same(r["weights"]), r  # DDP kept them equal
+        assert r["reduced"] == float(GPUS), r
+
+
 @pytest.mark.timeout(420)
 def test_accelerate_runs_unchanged_in_ranks(notebook: Notebook) -> None:
     results = _call(notebook, "accelerate")
     assert [r["process_index"] for r in results] == list(range(GPUS)), results
-    for rank, r in enumerate(results):
+    for r in results:
         assert r["num_processes"] == GPUS, r
-        assert r["device"] == f"cuda:{rank}", r
         assert r["distributed_type"] == "MULTI_GPU", r
-        assert r["backend"] == "nccl", r
         assert r["ddp"] == "DistributedDataParallel", r
-        assert r["batches"] == 8 // GPUS, r  # 64 samples, batches of 8, split over the ranks
-        assert len(r["weights"]) == GPUS and _same(r["weights"]), r  # DDP kept them equal
-        assert r["reduced"] == float(GPUS), r
+    _trained_together(results)
     assert results[0]["weights"] == results[1]["weights"], results
 
 
@@ -213,16 +220,12 @@ def test_accelerate_runs_unchanged_in_ranks(notebook: Notebook) -> None:
 def test_fabric_runs_unchanged_in_ranks(notebook: Notebook) -> None:
     results = _call(notebook, "fabric")
     assert [r["global_rank"] for r in results] == list(range(GPUS)), results
-    for rank, r in enumerate(results):
+    for r in results:
         assert r["world_size"] == GPUS, r
-        assert r["device"] == f"cuda:{rank}", r
         assert r["cluster_environment"] == "TorchElasticEnvironment", r
         assert r["spawned"] == [], f"fabric.launch() started processes: {r}"
-        assert r["backend"] == "nccl", r
         assert r["strategy"] == "DDPStrategy", r
-        assert r["batches"] == 8 // GPUS, r
-        assert len(r["weights"]) == GPUS and _same(r["weights"]), r
-        assert r["reduced"] == float(GPUS), r
+    _trained_together(results)
 
 
 @pytest.mark.timeout(240)
