@@ -1,9 +1,10 @@
 """Starting one rank as a fresh interpreter, and the kernel-side handle that owns it.
 
-This is the launch seam: the supervisor asks for a :class:`RankProcess` and does not care
-how the process came to be. Here it is ``subprocess`` starting ``sys.executable`` (spawn
-semantics, safe after the kernel initialised CUDA, never a fork of the kernel); the warm
-template (``_template``) forks ranks that end up with the same handle.
+The supervisor holds a :class:`RankProcess` and does not care how the process came to be.
+``_template.launch_ranks`` decides: forked from the warm template, or, where that is not
+possible, :func:`spawn_rank` here: ``subprocess`` starting ``sys.executable`` (spawn
+semantics, safe after the kernel initialised CUDA, never a fork of the kernel). Both end
+up with the same handle.
 
 Each rank gets, and only it holds the other end of:
 

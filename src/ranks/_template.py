@@ -580,6 +580,8 @@ def _fork_rank(
     control_fd, out_write, err_write = fds
     exit_read, exit_write = os.pipe()
     template_pid = os.getpid()
+    for stream in (sys.stdout, sys.stderr):  # nothing buffered here may reach a rank's output
+        stream.flush()
     pid = os.fork()
     if pid == 0:
         try:
