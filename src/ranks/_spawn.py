@@ -95,57 +95,91 @@ class RankProcess:
             close_quietly(fd)
 
 
+class RankEnds:
+    """What a new rank starts with: a control socket pair and pipes for its fds 1 and 2.
+
+    Used as ``with RankEnds() as ends:`` around starting the rank: on leaving, the kernel
+    closes the child's ends (the rank holds its own copies by then); if starting failed,
+    the kernel's ends too. :meth:`handle` passes the kernel's ends to the RankProcess that
+    owns them from then on.
+    """
+
+    def __init__(self) -> None:
+        self.parent_sock, self.child_sock = socket.socketpair()
+        self._fds: list[int] = []
+        try:
+            self.out_read, self.out_write = self._pipe()
+            self.err_read, self.err_write = self._pipe()
+        except BaseException:
+            self._close_all()
+            raise
+
+    @property
+    def child_fds(self) -> tuple[int, int, int]:
+        """The control socket, stdout and stderr as the rank must receive them."""
+        return self.child_sock.fileno(), self.out_write, self.err_write
+
+    def handle(
+        self, spec: RankSpec, pid: int, sentinel: int, stacks_path: str,
+        collect_status: Callable[[], int],
+    ) -> RankProcess:
+        for fd in (self.out_read, self.err_read):
+            os.set_blocking(fd, False)
+        process = RankProcess(
+            spec=spec, pid=pid, conn=Connection(self.parent_sock.detach()), sentinel=sentinel,
+            output={self.out_read: "stdout", self.err_read: "stderr"},
+            stacks_path=stacks_path, collect_status=collect_status,
+        )
+        self._fds = [self.out_write, self.err_write]  # the rest belongs to the handle now
+        return process
+
+    def __enter__(self) -> RankEnds:
+        return self
+
+    def __exit__(self, kind: object, error: object, tb: object) -> None:
+        if kind is None:
+            self.child_sock.close()
+            for fd in (self.out_write, self.err_write):
+                close_quietly(fd)
+        else:
+            self._close_all()
+
+    def _pipe(self) -> tuple[int, int]:
+        read_end, write_end = os.pipe()
+        self._fds += [read_end, write_end]
+        return read_end, write_end
+
+    def _close_all(self) -> None:
+        self.parent_sock.close()
+        self.child_sock.close()
+        for fd in self._fds:
+            close_quietly(fd)
+
+
 def spawn_rank(
     spec: RankSpec, env: Mapping[str, str], cwd: str, stacks_path: str
 ) -> RankProcess:
-    opened: list[int] = []
-    parent_sock, child_sock = socket.socketpair()
-    try:
-        out_read, out_write = os.pipe()
-        opened += [out_read, out_write]
-        err_read, err_write = os.pipe()
-        opened += [err_read, err_write]
+    with RankEnds() as ends:
+        control_fd, out_write, err_write = ends.child_fds
         boot = _BOOT.format(parent=PACKAGE_PARENT)
-        argv = [sys.executable, "-c", boot, str(child_sock.fileno()), str(os.getpid()), stacks_path]
+        argv = [sys.executable, "-c", boot, str(control_fd), str(os.getpid()), stacks_path]
         popen = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=out_write,
             stderr=err_write,
-            pass_fds=(child_sock.fileno(),),
+            pass_fds=(control_fd,),
             env=dict(env),
             cwd=cwd,
             start_new_session=True,
         )
-    except BaseException:
-        parent_sock.close()
-        for fd in opened:
-            close_quietly(fd)
-        raise
-    finally:
-        child_sock.close()
-    close_quietly(out_write)
-    close_quietly(err_write)
-    for fd in (out_read, err_read):
-        os.set_blocking(fd, False)
-    try:
-        sentinel = _process_sentinel(popen)
-    except BaseException:
-        os.killpg(popen.pid, signal.SIGKILL)
-        popen.wait()
-        parent_sock.close()
-        close_quietly(out_read)
-        close_quietly(err_read)
-        raise
-    return RankProcess(
-        spec=spec,
-        pid=popen.pid,
-        conn=Connection(parent_sock.detach()),
-        sentinel=sentinel,
-        output={out_read: "stdout", err_read: "stderr"},
-        stacks_path=stacks_path,
-        collect_status=popen.wait,
-    )
+        try:
+            sentinel = _process_sentinel(popen)
+        except BaseException:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+            raise
+        return ends.handle(spec, popen.pid, sentinel, stacks_path, popen.wait)
 
 
 def _process_sentinel(popen: subprocess.Popen[bytes]) -> int:

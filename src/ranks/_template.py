@@ -43,12 +43,12 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Any
 
 from ._lifeline import watch_parent
 from ._placement import RankSpec
-from ._spawn import PACKAGE_PARENT, RankProcess, close_quietly, spawn_rank
+from ._spawn import PACKAGE_PARENT, RankEnds, RankProcess, close_quietly, spawn_rank
 
 log = logging.getLogger("ranks")
 
@@ -173,43 +173,28 @@ class Template:
         deadline: float | None,
     ) -> RankProcess:
         self.wait_ready(deadline)
-        parent_sock, child_sock = socket.socketpair()
-        out_read, out_write = os.pipe()
-        err_read, err_write = os.pipe()
-        try:
-            request = pickle.dumps(("fork", dict(env), cwd, stacks_path))
-            socket.send_fds(self._sock, [request], [child_sock.fileno(), out_write, err_write])
-            reply, fds = self._recv(deadline, "did not fork a rank in time")
-        except BaseException:
-            # Interrupted, or out of time, between the request and its reply: that reply
-            # would answer our next request. Nobody uses this template again.
-            self.close()
-            parent_sock.close()
-            for fd in (out_read, err_read):
-                close_quietly(fd)
-            raise
-        finally:
-            child_sock.close()
-            close_quietly(out_write)
-            close_quietly(err_write)
-        if reply[0] == "poisoned":
-            raise TemplateUnsafe(reply[1], reply[2])
-        if reply[0] != "forked" or len(fds) != 1:
-            raise RuntimeError(f"the ranks template could not fork a rank: {reply}")
-        exit_read = fds[0]
-        for fd in (out_read, err_read):
-            os.set_blocking(fd, False)
-        self.live_ranks += 1
+        with RankEnds() as ends:
+            try:
+                request = pickle.dumps(("fork", dict(env), cwd, stacks_path))
+                socket.send_fds(self._sock, [request], list(ends.child_fds))
+                reply, fds = self._recv(deadline, "did not fork a rank in time")
+            except BaseException:
+                # Interrupted, or out of time, between the request and its reply: that
+                # reply would answer our next request. Nobody uses this template again.
+                self.close()
+                raise
+            if reply[0] == "poisoned":
+                raise TemplateUnsafe(reply[1], reply[2])
+            if reply[0] != "forked" or len(fds) != 1:
+                raise RuntimeError(f"the ranks template could not fork a rank: {reply}")
+            exit_read = fds[0]
+            self.live_ranks += 1
 
-        def collect_status() -> int:
-            self.live_ranks -= 1
-            return _read_status(exit_read)
+            def collect_status() -> int:
+                self.live_ranks -= 1
+                return _read_status(exit_read)
 
-        return RankProcess(
-            spec=spec, pid=reply[1], conn=Connection(parent_sock.detach()),
-            sentinel=exit_read, output={out_read: "stdout", err_read: "stderr"},
-            stacks_path=stacks_path, collect_status=collect_status,
-        )
+            return ends.handle(spec, reply[1], exit_read, stacks_path, collect_status)
 
     def close(self) -> None:
         """Let the template go: it exits once the ranks it forked have exited."""
