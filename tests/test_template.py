@@ -492,3 +492,37 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.mark.timeout(90)
+def test_a_launch_that_gives_up_on_a_busy_template_spares_other_worlds(
+    fresh_kernel: Kernel,
+) -> None:
+    """A timeout while the template is busy preloading must not take other Worlds along.
+
+    The kernel imports a module that takes 6 s to import; the next launch (timeout=1) finds
+    the template importing it too, gives up on the template and raises RanksTimeout. The
+    template then answers a kernel that let go: it must keep serving the World it has.
+    """
+    (fresh_kernel.workdir / "slow_import.py").write_text("import time\ntime.sleep(6)\n")
+    cell(fresh_kernel, """
+        import os, time, ranks
+        w = ranks.World(n=1)
+        w_pid = w.run(os.getpid)[0]
+        import slow_import  # 6 s here, and 6 s in the template's next preload
+        started = time.monotonic()
+        try:
+            ranks.run(int, n=1, timeout=1)
+        except ranks.RanksTimeout as error:
+            outcome = ("timeout", round(time.monotonic() - started, 1))
+        else:
+            outcome = ("returned", round(time.monotonic() - started, 1))
+    """)
+    kind, seconds = fresh_kernel.value("outcome")
+    assert kind == "timeout" and seconds < 4.5, (kind, seconds)
+    # The template finishes its 6 s import (begun when that call started, 2-3 s ago), then
+    # answers a kernel that has closed its end.
+    time.sleep(6)
+    assert fresh_kernel.value("w.broken is None, w.run(os.getpid)[0] == w_pid") == (True, True)
+    assert fresh_kernel.value("ranks.run(lambda: 7, n=1)") == [7]
+    cell(fresh_kernel, "w.close()")

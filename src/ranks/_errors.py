@@ -114,7 +114,8 @@ class RanksTimeout(RanksError):
         if not running:
             return (f"the call did not finish within {self.timeout:g} s: the ranks were still"
                     " starting (the warm template imports torch and the notebook's modules"
-                    " once per kernel); nothing was left running")
+                    " when it starts, and again after they or the environment change);"
+                    " nothing was left running")
         text = (
             f"the call did not finish within {self.timeout:g} s; ranks {running} were still"
             " running and have been stopped. Where each one was:"

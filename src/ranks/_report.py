@@ -53,8 +53,8 @@ def _exception_of(
         with contextlib.suppress(Exception):
             error = _serialize.loads(reply.error)
     verb = "raised" if reply.during == "running the function" else f"failed while {reply.during}"
-    # In the traceback's text too: Python 3.10 prints no notes.
-    error.__cause__ = RankTraceback(f"{verb} on {where}:\n{reply.traceback}")
+    header = "" if hasattr(error, "add_note") else f"{verb} on {where}:\n"  # 3.10: no notes
+    error.__cause__ = RankTraceback(header + reply.traceback)
     add_note(error, f"ranks: {verb} on {where}")
     return error
 

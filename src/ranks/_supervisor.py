@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -140,12 +141,22 @@ class Supervisor:
              os.path.join(self._tmpdir, f"stacks-{spec.rank}.txt"))
             for spec in self.specs
         ]
-        try:
-            for proc in launch_ranks(requests, deadline):
-                self._procs[proc.spec.rank] = proc
+
+        def launched(proc: RankProcess) -> None:
+            self._procs[proc.spec.rank] = proc
+            with contextlib.suppress(OSError):  # died at once: its sentinel says how
                 _protocol.send(proc.conn, init_for(proc.spec))
-        except TimeoutError:
-            raise RanksTimeout(timeout or 0.0, {}) from None
+
+        try:
+            launch_ranks(requests, deadline, launched)
+        except BaseException as error:
+            # Those already running may wait in init_process_group for peers that will
+            # never come, deaf to Close: end them now rather than after CLOSE_GRACE.
+            for proc in self._procs.values():
+                proc.signal_group(signal.SIGKILL)
+            if isinstance(error, TimeoutError) and timeout is not None:
+                raise RanksTimeout(timeout, {}) from None
+            raise
         self.router.begin_call(self._shown)
         try:
             return self._wait([s.rank for s in self.specs], Ready, None, started, timeout,
@@ -172,6 +183,8 @@ class Supervisor:
             # Whatever happened above: nothing of this World outlives its close.
             for proc in self._procs.values():
                 proc.signal_group(signal.SIGKILL)  # children a rank left behind
+                if proc.alive and wait([proc.sentinel], KILL_GRACE):
+                    proc.reap()  # not left a zombie (an interrupted close, a stuck rank)
                 for fd in list(proc.output):
                     self._read_output(proc, fd)
                 proc.release()
@@ -332,6 +345,12 @@ class Supervisor:
             yield
         finally:
             signal.signal(signal.SIGINT, previous)
+            # An interrupt after the wait's last look is the user's all the same.
+            late = b""
+            with contextlib.suppress(BlockingIOError):
+                late = os.read(self._interrupt_pipe[0], 64)
+            if late and sys.exc_info()[0] is None:
+                raise KeyboardInterrupt
 
     def _pump(
         self,

@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
@@ -173,11 +173,17 @@ class Template:
         deadline: float | None,
     ) -> RankProcess:
         self.wait_ready(deadline)
+        if deadline is not None and time.monotonic() >= deadline:
+            raise TimeoutError("no time left to fork a rank")
         with RankEnds() as ends:
             try:
                 request = pickle.dumps(("fork", dict(env), cwd, stacks_path))
                 socket.send_fds(self._sock, [request], list(ends.child_fds))
-                reply, fds = self._recv(deadline, "did not fork a rank in time")
+                # A request sent is answered at once (the template is ready): a reply a
+                # little past the deadline is still worth taking, rather than giving the
+                # template up for it.
+                late = None if deadline is None else max(deadline, time.monotonic() + 2.0)
+                reply, fds = self._recv(late, "did not fork a rank in time")
             except BaseException:
                 # Interrupted, or out of time, between the request and its reply: that
                 # reply would answer our next request. Nobody uses this template again.
@@ -206,11 +212,15 @@ class Template:
         self._sock.send(pickle.dumps(message))
 
     def _recv(self, deadline: float | None, late: str) -> tuple[tuple[Any, ...], list[int]]:
-        limit = time.monotonic() + READY_TIMEOUT
-        if deadline is not None:
-            limit = min(limit, deadline)
+        """The next reply. TimeoutError when the caller's ``deadline`` passes first (the
+        template may still answer later); RuntimeError when it does not answer at all."""
+        ours = time.monotonic() + READY_TIMEOUT
+        limit = ours if deadline is None else min(ours, deadline)
         if not wait([self._sock], max(0.0, limit - time.monotonic())):
-            raise TimeoutError(f"the ranks template {late}")
+            if limit < ours:
+                raise TimeoutError(f"the ranks template {late}")
+            raise RuntimeError(f"the ranks template did not answer in {READY_TIMEOUT:g} s"
+                               f" (its log: {self.log_path})")
         data, fds, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, 4)
         if not data:
             raise RuntimeError(f"the ranks template exited (its log: {self.log_path})")
@@ -332,8 +342,10 @@ def get_template(deadline: float | None = None) -> Template:
             raise TemplateUnsafe(poisoned, _template.report.get("why", "?"))
         except TemplateUnsafe as unsafe:
             forget_unsafe(unsafe)
-        except TimeoutError:
-            raise  # still starting: the next call may find it ready
+        except (TimeoutError, KeyboardInterrupt):
+            # Still starting: the next call may find it ready, and the only reply it owes
+            # is "ready", so it stays in step.
+            raise
         except BaseException:
             close_template()
             raise
@@ -354,29 +366,58 @@ _lock = threading.RLock()  # Worlds may start from several threads; the template
 
 
 def launch_ranks(
-    requests: Sequence[tuple[RankSpec, Mapping[str, str], str, str]], deadline: float | None,
-) -> Iterator[RankProcess]:
+    requests: Sequence[tuple[RankSpec, Mapping[str, str], str, str]],
+    deadline: float | None,
+    launched: Callable[[RankProcess], None],
+) -> None:
     """Start ranks (spec, env, cwd, stacks_path) the fastest safe way: forked from the
-    template, else spawned. TimeoutError when ``deadline`` passes first."""
-    with _lock:
+    template, else spawned; hand each to ``launched`` as soon as it runs. TimeoutError when
+    ``deadline`` passes first."""
+    wait_for_lock = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+    if not _lock.acquire(timeout=wait_for_lock):
+        raise TimeoutError("another thread was starting ranks")
+    try:
         template = _usable_template(deadline)
+        failures = 0
         for spec, env, cwd, stacks_path in requests:
             while template is not None:
                 try:
                     process = template.fork_rank(spec, env, cwd, stacks_path, deadline)
                     break
                 except TemplateUnsafe as unsafe:
-                    with contextlib.suppress(RuntimeError):
-                        forget_unsafe(unsafe)
-                    template = _usable_template(deadline)
+                    _forget_or_give_up(unsafe)
+                except TimeoutError:
+                    raise
+                except (RuntimeError, OSError) as error:
+                    # The template died or broke under us: a fresh one, or spawn after two.
+                    close_template()
+                    failures += 1
+                    if failures >= 2:
+                        _give_up(error)
+                template = _usable_template(deadline)
             else:
                 process = spawn_rank(spec, env, cwd, stacks_path)
-            yield process
+            launched(process)
+    finally:
+        _lock.release()
+
+
+def _forget_or_give_up(unsafe: TemplateUnsafe) -> None:
+    try:
+        forget_unsafe(unsafe)
+    except RuntimeError as error:  # the template itself is unsafe, whatever it preloads
+        _give_up(error)
+
+
+def _give_up(error: BaseException) -> None:
+    global _unavailable
+    _unavailable = str(error)
+    log.warning("ranks: the warm template is unavailable (%s); ranks start by spawn in this"
+                " kernel from now on", error)
 
 
 def _usable_template(deadline: float | None) -> Template | None:
     """The template to fork from, or None for spawn (one fresh start allowed on failure)."""
-    global _unavailable
     if start_method() != "template" or _unavailable is not None:
         return None
     for attempt in range(2):
@@ -387,9 +428,7 @@ def _usable_template(deadline: float | None) -> Template | None:
         except (RuntimeError, OSError) as error:
             close_template()
             if attempt == 1:
-                _unavailable = str(error)
-                log.warning("ranks: the warm template is unavailable (%s); ranks start by"
-                            " spawn in this kernel from now on", error)
+                _give_up(error)
     return None
 
 
@@ -410,12 +449,18 @@ def close_template() -> None:
 def settle_closed_templates() -> None:
     """Reap the templates let go whose ranks have all ended: they exit at once then, and
     must not linger as zombie children of the kernel."""
-    with _lock:
+    if not _lock.acquire(blocking=False):
+        return  # another thread is launching: it settles them at its next close
+    try:
         for template in _closed_templates:
             if template.live_ranks == 0:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    template._popen.wait(timeout=2.0)
+                # It serves no one (an import it is still busy with would keep it for a
+                # while otherwise).
+                template._popen.kill()
+                template._popen.wait()
         _closed_templates[:] = [t for t in _closed_templates if t._popen.poll() is None]
+    finally:
+        _lock.release()
 
 
 def prestart() -> None:
@@ -488,18 +533,29 @@ def serve(argv: list[str]) -> None:
                 if report.get("poisoned"):
                     poisoned = (report["poisoned"], report["why"])
                 if not ready_sent:
-                    sock.send(pickle.dumps(("ready", report)))
+                    closing = closing or not _answer(sock, ("ready", report))
                     ready_sent = True
             elif message[0] == "fork" and poisoned is not None:
                 # Never fork from an unsafe process; keep serving our ranks until they end.
                 for fd in fds:
                     os.close(fd)
-                sock.send(pickle.dumps(("poisoned", *poisoned)))
+                closing = closing or not _answer(sock, ("poisoned", *poisoned))
             elif message[0] == "fork":
                 ours = (wake_read, wake_write, *kernel_fds)
                 pid, exit_read = _fork_rank(message, fds, sock, children, ours)
-                socket.send_fds(sock, [pickle.dumps(("forked", pid))], [exit_read])
+                # The kernel may have given up on this request (a timeout, an interrupt) and
+                # closed its end: then we keep serving the ranks we have until they end.
+                closing = closing or not _answer(sock, ("forked", pid), [exit_read])
                 os.close(exit_read)
+
+
+def _answer(sock: socket.socket, message: tuple[Any, ...], fds: Sequence[int] = ()) -> bool:
+    """Reply to the kernel; False when it has closed its end."""
+    try:
+        socket.send_fds(sock, [pickle.dumps(message)], list(fds))
+    except OSError:
+        return False
+    return True
 
 
 def _preload(modules: list[str]) -> dict[str, Any]:

@@ -71,7 +71,8 @@ def main(argv: list[str]) -> None:
     try:
         _set_up_devices(init)
     except BaseException as error:
-        during = "setting up its GPU and torch.distributed"
+        during = "setting up (its GPU, torch.distributed)" if init.gpu is not None else (
+            "setting up torch.distributed")
         _protocol.send(conn, _failure(None, error, during, skip=0))
         os._exit(1)
     # Before Ready: from then on the kernel may send SIGINT at any moment (a peer failed,
