@@ -90,7 +90,7 @@ EVERY_KIND = """
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("start_method", ["template", "spawn"])
+@pytest.mark.parametrize("start_method", ["template", "spawn", "portable"])
 def test_every_kind_of_write_streams_live_labelled_on_its_stream(
     nb: Kernel, start_method: str
 ) -> None:

@@ -94,7 +94,7 @@ def test_interrupt_stops_ranks(fresh_kernel: Kernel, ignore_interrupt: bool) -> 
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("start_method", ["template", "spawn"])
+@pytest.mark.parametrize("start_method", ["template", "spawn", "portable"])
 def test_killed_kernel_takes_its_ranks_along(fresh_kernel: Kernel, start_method: str) -> None:
     """SIGKILL to the kernel mid-call: every rank, and every process a rank started, dies
     within about a second (parent-death signals, the ranks' channel EOF, each rank's
@@ -160,10 +160,18 @@ after = sample()
 
 
 @pytest.mark.timeout(60)
-def test_nothing_listens_and_only_the_rank_holds_its_channel(kernel: Kernel) -> None:
-    """During a call the kernel (and its template) opens no listening socket; a rank's only
-    socket is its control channel, a Unix socket pair no child of it inherits; torchrun's
-    MASTER_ADDR is loopback and does not leak into the kernel."""
+@pytest.mark.parametrize("start_method", ["template", "portable"])
+def test_nothing_listens_and_only_the_rank_holds_its_channel(
+    kernel: Kernel, start_method: str
+) -> None:
+    """During a call the kernel (and its template) listens on nothing; a rank's sockets are
+    its control channel and the pair its SIGINT handler reports through, none inheritable
+    by its children; torchrun's MASTER_ADDR is loopback and does not leak into the kernel.
+
+    The control channel is a Unix socket pair, or with the portable start a loopback TCP
+    connection, whose listening socket the kernel closed once the rank connected.
+    """
+    kernel.ok(f"import os\nos.environ['RANKS_START_METHOD'] = {start_method!r}")
     kernel.ok("""
 import os, psutil, ranks
 
@@ -189,7 +197,7 @@ def inspect(kernel_pid):
     return {
         "kernel_listening": listening(kernel_pid),
         "sockets": sockets,
-        "inet": [c.status for c in me.net_connections("inet")],
+        "inet": [(c.status, c.raddr.ip) for c in me.net_connections("inet")],
         "unix": len(me.net_connections("unix")),
         "master_addr": os.environ["MASTER_ADDR"],
     }
@@ -205,14 +213,16 @@ checks = {
     "master_addr": sorted({s["master_addr"] for s in seen}),
     "leaked": "MASTER_ADDR" in os.environ or "RANK" in os.environ,
 }
+del os.environ["RANKS_START_METHOD"]
 """)
     checks = kernel.value("checks")
+    loopback = [("ESTABLISHED", "127.0.0.1")]
     assert checks == {
         "kernel_listening_unchanged": True,
-        "one_socket_each": [1, 1],
-        "inheritable": [False, False],
-        "inet": [[], []],
-        "unix": [1, 1],
+        "one_socket_each": [3, 3],
+        "inheritable": [False] * 6,
+        "inet": [loopback, loopback] if start_method == "portable" else [[], []],
+        "unix": [2, 2] if start_method == "portable" else [3, 3],
         "master_addr": ["127.0.0.1"],
         "leaked": False,
     }, checks

@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import codecs
 import contextlib
+import getpass
 import itertools
 import os
 import shutil
@@ -287,7 +288,9 @@ def new_log_dir() -> str:
     if not _log_dirs:
         # Registered with the first World, not at import (importing ranks has no effects).
         atexit.register(_remove_log_dirs)
-    root = os.path.join(tempfile.gettempdir(), f"ranks-logs-{os.getuid()}")
+    # Per user: Windows has no uid, and its temp folder is the user's own already.
+    user = os.getuid() if hasattr(os, "getuid") else getpass.getuser()
+    root = os.path.join(tempfile.gettempdir(), f"ranks-logs-{user}")
     os.makedirs(root, mode=0o700, exist_ok=True)
     # mkdtemp, not a fixed name: pids are reused (in containers and PID namespaces most of
     # all), and a kernel that was killed never removed its folders.

@@ -12,6 +12,12 @@ The user's NCCL/Gloo traffic never uses this channel, and the ranks' output has 
       | <------------------ Done | Failed ---- |   (one per Call)
       | <------------------------ Interrupted -- |   SIGINT reached Python on the rank
       | -- Close ----------------------------> |   rank cleans up and exits
+
+Where signals cannot be sent to a rank (Windows, and the portable start, see ``_portable``),
+two more messages stand in for them, taken by the rank's control thread at any time:
+
+      | -- Interrupt ------------------------> |   as SIGINT: KeyboardInterrupt in the main thread
+      | -- DumpStacks -----------------------> |   as SIGUSR1: every thread's stack to a file
 """
 
 from __future__ import annotations
@@ -87,7 +93,17 @@ class Close:
     pass
 
 
-Message = Init | Ready | Call | Done | Failed | Interrupted | Close
+@dataclass(frozen=True)
+class Interrupt:
+    pass
+
+
+@dataclass(frozen=True)
+class DumpStacks:
+    pass
+
+
+Message = Init | Ready | Call | Done | Failed | Interrupted | Close | Interrupt | DumpStacks
 
 
 def send(conn: Connection, message: Message) -> None:

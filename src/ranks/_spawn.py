@@ -3,8 +3,9 @@
 The supervisor holds a :class:`RankProcess` and does not care how the process came to be.
 ``_template.launch_ranks`` decides: forked from the warm template, or, where that is not
 possible, :func:`spawn_rank` here: ``subprocess`` starting ``sys.executable`` (spawn
-semantics, safe after the kernel initialised CUDA, never a fork of the kernel). Both end
-up with the same handle.
+semantics, safe after the kernel initialised CUDA, never a fork of the kernel), or on
+Windows ``_portable``'s start, whose handle is a subclass. All end up with the same
+interface.
 
 Each rank gets, and only it holds the other end of:
 
@@ -30,30 +31,80 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import Protocol
 
 from ._placement import RankSpec
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 # Appending (not prepending) our parent folder lets an installed `ranks` win as usual while
 # still finding this one when the kernel imported it from a source checkout.
-_BOOT = (
+BOOT = (
     "import sys; sys.path.append({parent!r}); "
     "from ranks._worker import main; main(sys.argv[1:])"
 )
 
 
+# Where a system has no SIGKILL (Windows), SIGTERM's stand-in ends a process just as hard.
+KILL = getattr(signal, "SIGKILL", signal.SIGTERM)
+
+
+class OutputPipe:
+    """One of a rank's output streams as the kernel reads it: a pipe, read without blocking.
+
+    The supervisor waits on :attr:`waitable` and calls :meth:`read`; ``_portable`` has a
+    stream of the same shape for systems that cannot wait on pipes.
+    """
+
+    def __init__(self, fd: int, name: str) -> None:
+        os.set_blocking(fd, False)
+        self.fd = fd
+        self.name = name  # "stdout" | "stderr"
+
+    @property
+    def waitable(self) -> object:
+        return self.fd
+
+    def read(self, size: int) -> bytes | None:
+        """Up to ``size`` bytes; None when nothing is there yet; b"" at end of stream."""
+        try:
+            return os.read(self.fd, size)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return b""
+
+    def close(self) -> None:
+        close_quietly(self.fd)
+
+
+class OutputStream(Protocol):
+    name: str
+
+    @property
+    def waitable(self) -> object: ...
+
+    def read(self, size: int) -> bytes | None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class RankProcess:
-    """The kernel's handle on one rank process and everything it opened for it."""
+    """The kernel's handle on one rank process and everything it opened for it.
+
+    Stopping a rank goes through :meth:`interrupt`, :meth:`request_stacks` and
+    :meth:`signal_tree`: here POSIX signals, in ``_portable`` what stands in for them.
+    """
 
     spec: RankSpec
     pid: int
     conn: Connection
     sentinel: int  # readable once the process has ended
-    output: dict[int, str]  # read end fd -> "stdout" | "stderr"
+    output: list[OutputStream]
     stacks_path: str
     collect_status: Callable[[], int]  # after the sentinel fired: the Popen-style returncode
     returncode: int | None = None
+    answers: int = 0  # replies (Ready, Done, Failed) received so far
     _closed: bool = field(default=False, repr=False)
 
     @property
@@ -74,25 +125,39 @@ class RankProcess:
             self.reap()
         return self.returncode is not None
 
-    def signal_group(self, signum: int) -> None:
+    def signal_tree(self, signum: int) -> None:
         """Signal the rank's whole process group (its children too); gone is fine."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signum)
 
-    def signal_rank(self, signum: int) -> None:
-        """Signal the rank process alone (an interrupt is for its main thread)."""
+    def interrupt(self) -> None:
+        """KeyboardInterrupt in the rank's main thread (SIGINT, for the rank alone)."""
+        self._signal_rank(signal.SIGINT)
+
+    def request_stacks(self) -> None:
+        """Have the rank write every thread's stack to ``stacks_path`` (emptied first)."""
+        open(self.stacks_path, "w").close()
+        self._signal_rank(signal.SIGUSR1)
+
+    def output_behind(self) -> bool:
+        """Is output that the rank wrote before its last reply still on its way? Never on
+        pipes the kernel reads itself: the rank flushes them before it replies."""
+        return False
+
+    def _signal_rank(self, signum: int) -> None:
         if self.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signum)
 
     def release(self) -> None:
-        """Close every fd this handle owns. The process must have been reaped or killed."""
+        """Close everything this handle owns. The process must have been reaped or killed."""
         if self._closed:
             return
         self._closed = True
         self.conn.close()
-        for fd in [self.sentinel, *self.output]:
-            close_quietly(fd)
+        close_quietly(self.sentinel)
+        for stream in self.output:
+            stream.close()
 
 
 class RankEnds:
@@ -123,11 +188,9 @@ class RankEnds:
         self, spec: RankSpec, pid: int, sentinel: int, stacks_path: str,
         collect_status: Callable[[], int],
     ) -> RankProcess:
-        for fd in (self.out_read, self.err_read):
-            os.set_blocking(fd, False)
         process = RankProcess(
             spec=spec, pid=pid, conn=Connection(self.parent_sock.detach()), sentinel=sentinel,
-            output={self.out_read: "stdout", self.err_read: "stderr"},
+            output=[OutputPipe(self.out_read, "stdout"), OutputPipe(self.err_read, "stderr")],
             stacks_path=stacks_path, collect_status=collect_status,
         )
         self._fds = [self.out_write, self.err_write]  # the rest belongs to the handle now
@@ -161,7 +224,7 @@ def spawn_rank(
 ) -> RankProcess:
     with RankEnds() as ends:
         control_fd, out_write, err_write = ends.child_fds
-        boot = _BOOT.format(parent=PACKAGE_PARENT)
+        boot = BOOT.format(parent=PACKAGE_PARENT)
         argv = [sys.executable, "-c", boot, str(control_fd), str(os.getpid()), stacks_path]
         popen = subprocess.Popen(
             argv,
@@ -174,17 +237,19 @@ def spawn_rank(
             start_new_session=True,
         )
         try:
-            sentinel = _process_sentinel(popen)
+            sentinel = process_sentinel(popen)
         except BaseException:
-            os.killpg(popen.pid, signal.SIGKILL)
+            os.killpg(popen.pid, KILL)
             popen.wait()
             raise
         return ends.handle(spec, popen.pid, sentinel, stacks_path, popen.wait)
 
 
-def _process_sentinel(popen: subprocess.Popen[bytes]) -> int:
-    """An fd that becomes readable when the process ends, to wait on with the pipes."""
-    if hasattr(os, "pidfd_open"):
+def process_sentinel(popen: subprocess.Popen[bytes], pidfd: bool = True) -> int:
+    """An fd that becomes readable when the process ends, to wait on with the pipes: a
+    pidfd where Linux has them (unless ``pidfd`` is False), else a pipe that a thread
+    closes once ``popen.wait()`` returns (macOS)."""
+    if pidfd and hasattr(os, "pidfd_open"):
         try:
             return os.pidfd_open(popen.pid)
         except OSError:

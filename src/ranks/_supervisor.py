@@ -11,6 +11,9 @@ running:
     SIGINT to the rank (its ``finally`` blocks and ``except KeyboardInterrupt`` run)
       --> SIGTERM to its process group --> SIGKILL to its process group
 
+Where signals cannot reach one process (Windows, the portable start), the rank's handle
+sends messages instead, and "its process group" is its job object (see ``_portable``).
+
 Escalation starts when a rank fails (the others are stopped at once: a peer blocked in a
 Gloo or NCCL collective would otherwise wait for it forever), on ``timeout``, and on an
 interrupt of the kernel; a second interrupt skips to SIGKILL.
@@ -27,6 +30,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -40,7 +44,7 @@ from ._errors import RankCrashed, RanksTimeout
 from ._output import OutputRouter, Sink, TerminalSink, new_log_dir
 from ._placement import RankSpec
 from ._protocol import Call, CallKind, Close, Done, Failed, Init, Interrupted, Ready
-from ._spawn import RankProcess
+from ._spawn import KILL, OutputStream, RankProcess
 from ._template import launch_ranks, settle_closed_templates
 
 log = logging.getLogger("ranks")
@@ -58,6 +62,9 @@ TERMINATE_GRACE = 1.0
 KILL_GRACE = 5.0
 CLOSE_GRACE = 10.0  # a clean Close destroys process groups and flushes; give it time
 STACK_DUMP_WAIT = 0.3
+# How long a reply waits for the output written before it, where a thread relays that
+# output (see _catch_up_output); only a rank that closed its own fd 1 or 2 ever waits it out.
+OUTPUT_CATCH_UP = 1.0
 # A death is seen late: a dying rank's sockets close at once, so a peer blocked in a
 # collective with it raises (Gloo: "Connection closed by peer") and reports, often before
 # the kernel has even read the EOF on the dead rank's channel (2-10 ms here). A death
@@ -68,8 +75,7 @@ DEATH_SEEN_LATE = 0.1
 _ESCALATION = (
     (signal.SIGINT, INTERRUPT_GRACE),
     (signal.SIGTERM, TERMINATE_GRACE),
-    # getattr: importing ranks must work where SIGKILL does not exist (World refuses there).
-    (getattr(signal, "SIGKILL", signal.SIGTERM), KILL_GRACE),
+    (KILL, KILL_GRACE),
 )
 _READ_CHUNK = 1 << 16
 # Chunks read from one pipe per wake-up: a rank that writes faster than the kernel routes
@@ -114,9 +120,10 @@ class Supervisor:
         self._shown: Callable[[int], bool] = lambda rank: True
         self.router = OutputRouter(new_log_dir(), _make_sink)
         self._tmpdir = tempfile.mkdtemp(prefix="ranks-")
-        self._interrupt_pipe = os.pipe()  # see _interrupts_as_messages
-        for fd in self._interrupt_pipe:
-            os.set_blocking(fd, False)
+        # See _interrupts_as_messages. A socket pair, not a pipe: Windows waits on sockets only.
+        self._interrupt_pipe = socket.socketpair()
+        for end in self._interrupt_pipe:
+            end.setblocking(False)
         self._interrupts_seen = 0
         self._closed = False
 
@@ -153,7 +160,7 @@ class Supervisor:
             # Those already running may wait in init_process_group for peers that will
             # never come, deaf to Close: end them now rather than after CLOSE_GRACE.
             for proc in self._procs.values():
-                proc.signal_group(signal.SIGKILL)
+                proc.signal_tree(KILL)
             if isinstance(error, TimeoutError) and timeout is not None:
                 raise RanksTimeout(timeout, {}) from None
             raise
@@ -178,21 +185,21 @@ class Supervisor:
         except KeyboardInterrupt:  # where our handler could not be installed
             interrupted = True
             for proc in self._procs.values():
-                proc.signal_group(signal.SIGKILL)
+                proc.signal_tree(KILL)
         finally:
             # Whatever happened above: nothing of this World outlives its close.
             for proc in self._procs.values():
-                proc.signal_group(signal.SIGKILL)  # children a rank left behind
+                proc.signal_tree(KILL)  # children a rank left behind
                 if proc.alive and wait([proc.sentinel], KILL_GRACE):
                     proc.reap()  # not left a zombie (an interrupted close, a stuck rank)
-                for fd in list(proc.output):
-                    self._read_output(proc, fd)
+                for stream in list(proc.output):
+                    self._read_output(proc, stream)
                 proc.release()
             self.router.end_call()
             self.router.close()
             shutil.rmtree(self._tmpdir, ignore_errors=True)
-            for fd in self._interrupt_pipe:
-                os.close(fd)
+            for end in self._interrupt_pipe:
+                end.close()
             settle_closed_templates()
         if interrupted:
             raise KeyboardInterrupt
@@ -226,7 +233,7 @@ class Supervisor:
     def kill(self) -> None:
         """Stop now: SIGKILL every rank's process group, then release like close()."""
         for proc in self._procs.values():
-            proc.signal_group(signal.SIGKILL)
+            proc.signal_tree(KILL)
         self.close()
 
     @property
@@ -338,7 +345,7 @@ class Supervisor:
 
         def note_interrupt(signum: int, frame: object) -> None:
             with contextlib.suppress(OSError):
-                os.write(write_end, b"!")
+                write_end.send(b"!")
 
         previous = signal.signal(signal.SIGINT, note_interrupt)
         try:
@@ -348,7 +355,7 @@ class Supervisor:
             # An interrupt after the wait's last look is the user's all the same.
             late = b""
             with contextlib.suppress(BlockingIOError):
-                late = os.read(self._interrupt_pipe[0], 64)
+                late = self._interrupt_pipe[0].recv(64)
             if late and sys.exc_info()[0] is None:
                 raise KeyboardInterrupt
 
@@ -369,17 +376,17 @@ class Supervisor:
         if due is not None:
             wake.append(due)
         timeout = max(0.0, min(wake) - now) if wake else None
-        sources: dict[object, tuple[str, RankProcess | None, int]] = {
-            self._interrupt_pipe[0]: ("interrupt", None, 0),
+        sources: dict[object, tuple[str, RankProcess | None, OutputStream | None]] = {
+            self._interrupt_pipe[0]: ("interrupt", None, None),
         }
         for proc in self._procs.values():
             rank = proc.spec.rank
-            for fd in proc.output:
-                sources[fd] = ("output", proc, fd)
+            for out in proc.output:
+                sources[out.waitable] = ("output", proc, out)
             if proc.alive:
                 if rank not in self._hung_up:  # at EOF it stays readable: wait on the sentinel
-                    sources[proc.conn] = ("control", proc, 0)
-                sources[proc.sentinel] = ("sentinel", proc, 0)
+                    sources[proc.conn] = ("control", proc, None)
+                sources[proc.sentinel] = ("sentinel", proc, None)
             elif rank in pending:
                 pending.discard(rank)  # died before this wait began
                 self._record_death(proc, outcomes, during)
@@ -388,22 +395,22 @@ class Supervisor:
         ready = wait(list(sources), timeout)  # type: ignore[arg-type]
         # Output first, so the lines a rank printed come before its reply or its death.
         for key in sorted(ready, key=lambda k: sources[k][0] != "output"):
-            kind, source, fd = sources[key]
+            kind, source, stream = sources[key]
             if kind == "interrupt":
                 with contextlib.suppress(BlockingIOError):
-                    self._interrupts_seen += len(os.read(self._interrupt_pipe[0], 64))
+                    self._interrupts_seen += len(self._interrupt_pipe[0].recv(64))
                 continue
             assert source is not None
             proc = source
-            if kind == "output":
-                self._read_output(proc, fd)
+            if stream is not None:
+                self._read_output(proc, stream)
             elif kind == "control":
                 self._read_control(proc, expect, pending, outcomes)
             elif proc.alive:
                 proc.reap()
                 self._read_control(proc, expect, pending, outcomes)  # a last reply
-                for out_fd in list(proc.output):  # reading to EOF removes the fd
-                    self._read_output(proc, out_fd)
+                for out in list(proc.output):  # reading to EOF removes the stream
+                    self._read_output(proc, out)
                 self.router.finish(proc.spec.rank)
                 if proc.spec.rank in pending:
                     pending.discard(proc.spec.rank)
@@ -420,23 +427,20 @@ class Supervisor:
         thread) goes to the logs only, never into the cell that happens to run next.
         """
         for proc in self._procs.values():
-            for fd in list(proc.output):
-                self._read_output(proc, fd)
+            for stream in list(proc.output):
+                self._read_output(proc, stream)
 
-    def _read_output(self, proc: RankProcess, fd: int) -> None:
+    def _read_output(self, proc: RankProcess, stream: OutputStream) -> None:
         for _ in range(_READS_PER_WAKE):
-            try:
-                data = os.read(fd, _READ_CHUNK)
-            except BlockingIOError:
+            data = stream.read(_READ_CHUNK)
+            if data is None:
                 return
-            except OSError:
-                data = b""
             if not data:
                 # EOF: every writer (the rank and any child of it) closed the pipe.
-                del proc.output[fd]
-                os.close(fd)
+                proc.output.remove(stream)
+                stream.close()
                 return
-            self.router.feed(proc.spec.rank, proc.output[fd], data)
+            self.router.feed(proc.spec.rank, stream.name, data)
             if len(data) < _READ_CHUNK:
                 return
 
@@ -455,6 +459,8 @@ class Supervisor:
         try:
             while proc.conn.poll():
                 message = _protocol.recv(proc.conn)
+                if isinstance(message, (Ready, Done, Failed)):
+                    self._catch_up_output(proc)
                 if isinstance(message, Interrupted):
                     self._responding(rank, message.in_user_code)
                     continue
@@ -473,6 +479,19 @@ class Supervisor:
             # The rank is dying. Its sentinel says how only later (the template reports
             # after reaping it); the EOF is the closest the kernel sees to when it died.
             self._hung_up.setdefault(rank, time.monotonic())
+
+    def _catch_up_output(self, proc: RankProcess) -> None:
+        """Read the output the rank wrote before the reply just received, if it lags.
+
+        Only a portable rank's can (see ``_portable``): a thread relays it, and the reply
+        may overtake it. Read while waiting: the relay blocks when nobody reads.
+        """
+        proc.answers += 1
+        limit = time.monotonic() + OUTPUT_CATCH_UP
+        while proc.output_behind() and (left := limit - time.monotonic()) > 0:
+            wait([out.waitable for out in proc.output], left)  # type: ignore[misc]
+            for out in list(proc.output):
+                self._read_output(proc, out)
 
     def _record_death(self, proc: RankProcess, outcomes: dict[int, Outcome], during: str) -> None:
         rank = proc.spec.rank
@@ -547,9 +566,9 @@ class Supervisor:
         signum, grace = _ESCALATION[step]
         proc = self._procs[rank]
         if signum == signal.SIGINT:
-            proc.signal_rank(signum)  # an interrupt is for the rank's main thread
+            proc.interrupt()  # an interrupt is for the rank's main thread
         else:
-            proc.signal_group(signum)  # the whole tree: DataLoader workers too
+            proc.signal_tree(signum)  # the whole tree: DataLoader workers too
         self._signalled.setdefault(rank, (signum.name, now))
         self._signalled[rank] = (signum.name, self._signalled[rank][1])
         self._escalating[rank] = (step + 1, now + grace)
@@ -557,9 +576,7 @@ class Supervisor:
     def _time_out(self, pending: set[int], timeout: float) -> RanksTimeout:
         """Ask each running rank for its Python stack (faulthandler), then build the error."""
         for rank in pending:
-            proc = self._procs[rank]
-            open(proc.stacks_path, "w").close()
-            proc.signal_rank(signal.SIGUSR1)
+            self._procs[rank].request_stacks()
         time.sleep(STACK_DUMP_WAIT)  # the dump is written inside the signal handler
         stacks = {}
         for rank in pending:

@@ -16,8 +16,14 @@ request. A rank forked from it starts with torch imported and no CUDA state.
 
 One template per kernel, started on first use (never at import), closed at interpreter
 exit. It dies with the kernel (a pidfd on the kernel, else the parent-death signal; and
-EOF on its socket). Linux only: on other systems, and with ``RANKS_START_METHOD=spawn``,
-ranks start by spawn instead.
+EOF on its socket). Linux only. ``start_method`` picks how ranks start:
+
+    template   Linux's default: forked from the template
+    spawn      macOS's default, and Linux's fallback: a fresh interpreter (``_spawn``)
+    portable   Windows' only way: a fresh interpreter connected back over loopback
+               (``_portable``)
+
+``RANKS_START_METHOD`` chooses another where the system allows it (portable: all of them).
 A preload that would initialise CUDA or start a thread is dropped, logged, and the
 template restarted without it: fork is only safe from a single-threaded, CUDA-free process.
 """
@@ -48,6 +54,7 @@ from typing import Any
 
 from ._lifeline import watch_parent
 from ._placement import RankSpec
+from ._portable import PortableStart
 from ._spawn import PACKAGE_PARENT, RankEnds, RankProcess, close_quietly, spawn_rank
 
 log = logging.getLogger("ranks")
@@ -71,14 +78,15 @@ _BOOT = (
 
 
 def start_method() -> str:
-    """``"template"`` (fork from the warm template) or ``"spawn"``."""
+    """``"template"``, ``"spawn"`` or ``"portable"``: see the module's docstring."""
+    default = "template" if _can_fork() else "spawn" if os.name == "posix" else "portable"
     chosen = os.environ.get(START_METHOD_VARIABLE, "").strip().lower()
-    if chosen in ("spawn", "template"):
-        return "spawn" if chosen == "spawn" or not _can_fork() else "template"
-    if chosen:
-        log.warning("%s=%r is not 'spawn' or 'template'; using the default",
+    if chosen == "portable" or (chosen == "spawn" and os.name == "posix"):
+        return chosen
+    if chosen and chosen != "template":
+        log.warning("%s=%r is not 'template', 'spawn' or 'portable'; using the default",
                     START_METHOD_VARIABLE, chosen)
-    return "template" if _can_fork() else "spawn"
+    return default
 
 
 def _can_fork() -> bool:
@@ -373,6 +381,9 @@ def launch_ranks(
     """Start ranks (spec, env, cwd, stacks_path) the fastest safe way: forked from the
     template, else spawned; hand each to ``launched`` as soon as it runs. TimeoutError when
     ``deadline`` passes first."""
+    if start_method() == "portable":
+        _launch_portable(requests, deadline, launched)
+        return
     wait_for_lock = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
     if not _lock.acquire(timeout=wait_for_lock):
         raise TimeoutError("another thread was starting ranks")
@@ -400,6 +411,30 @@ def launch_ranks(
             launched(process)
     finally:
         _lock.release()
+
+
+def _launch_portable(
+    requests: Sequence[tuple[RankSpec, Mapping[str, str], str, str]],
+    deadline: float | None,
+    launched: Callable[[RankProcess], None],
+) -> None:
+    """Start every rank, then take their connections: they boot side by side."""
+    starts: list[PortableStart] = []
+    try:
+        for spec, env, cwd, stacks_path in requests:
+            starts.append(PortableStart(spec, env, cwd, stacks_path))
+    except BaseException:
+        for start in starts:
+            start.kill()
+        raise
+    for index, start in enumerate(starts):
+        try:
+            rank = start.connect(deadline)  # ends its own rank when it fails
+        except BaseException:
+            for later in starts[index + 1:]:
+                later.kill()
+            raise
+        launched(rank)
 
 
 def _forget_or_give_up(unsafe: TemplateUnsafe) -> None:

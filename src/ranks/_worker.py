@@ -29,6 +29,7 @@ import os
 import queue
 import select
 import signal
+import socket
 import sys
 import threading
 import time
@@ -37,31 +38,55 @@ import types
 from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 from . import _context, _protocol, _serialize
 from ._lifeline import die_with_parent, watch_parent
-from ._protocol import Call, CallKind, Close, Done, Failed, Init, Interrupted, Ready
+from ._protocol import (
+    Call,
+    CallKind,
+    Close,
+    Done,
+    DumpStacks,
+    Failed,
+    Init,
+    Interrupt,
+    Interrupted,
+    Ready,
+)
 
 
 def main(argv: list[str]) -> None:
-    control_fd, parent_pid, stacks_path = int(argv[0]), int(argv[1]), argv[2]
+    """``argv``: the control socket's fd (or ``portable``), the parent's pid, the file for
+    stack dumps."""
+    global _output_mark, _stacks_file
+    parent_pid, stacks_path = int(argv[1]), argv[2]
     sys.argv = ["-c"]  # what user code sees: ours are not its arguments (as `python -c`)
-    parent_pidfd = watch_parent(parent_pid)
-    _guard_descendants(parent_pidfd)  # before any thread starts: it forks
-    if parent_pidfd is not None:
-        os.close(parent_pidfd)
-    os.set_inheritable(control_fd, False)  # programs the user starts must not hold it open
+    if argv[0] == "portable":
+        # As on Windows: connected back over loopback; no pidfd, no watcher (_portable).
+        from ._portable import connect_back, output_mark
+
+        conn, token = connect_back()
+        _output_mark = output_mark(token)
+    else:
+        control_fd = int(argv[0])
+        parent_pidfd = watch_parent(parent_pid)
+        _guard_descendants(parent_pidfd)  # before any thread starts: it forks
+        if parent_pidfd is not None:
+            os.close(parent_pidfd)
+        os.set_inheritable(control_fd, False)  # programs the user starts must not hold it
+        conn = Connection(control_fd)
     faulthandler.enable(file=2, all_threads=True)  # fd 2: the pipe to the kernel
-    # SIGUSR1 dumps every thread's stack to a file the kernel reads on a timeout; the dump
-    # happens in the signal handler, so it works while the main thread is stuck in C code.
     # Appending: the kernel empties the file before each dump, and the dump must then start
     # at its beginning, not at the offset the last one ended at.
-    stacks_file = open(stacks_path, "a")  # noqa: SIM115 - lives as long as the process
-    faulthandler.register(signal.SIGUSR1, file=stacks_file, all_threads=True)
+    _stacks_file = open(stacks_path, "a")  # noqa: SIM115 - lives as long as the process
+    if _output_mark is None:
+        # SIGUSR1 dumps every thread's stack to a file the kernel reads on a timeout; the
+        # dump happens in the signal handler, so it works while the main thread is stuck in
+        # C code. (The portable start asks with DumpStacks, taken by the control thread.)
+        faulthandler.register(signal.SIGUSR1, file=_stacks_file, all_threads=True)
     _line_buffer_c_stdio()
 
-    conn = Connection(control_fd)
     init = _protocol.recv(conn)
     assert isinstance(init, Init), init
     os.chdir(init.cwd)
@@ -73,15 +98,18 @@ def main(argv: list[str]) -> None:
     except BaseException as error:
         during = "setting up (its GPU, torch.distributed)" if init.gpu is not None else (
             "setting up torch.distributed")
-        _protocol.send(conn, _failure(None, error, during, skip=0))
+        failure = _failure(None, error, during, skip=0)
+        _flush_all()
+        _protocol.send(conn, failure)
         os._exit(1)
     # Before Ready: from then on the kernel may send SIGINT at any moment (a peer failed,
     # the kernel was interrupted), and Python's default handler would kill a rank that is
     # not yet in _serve with a KeyboardInterrupt traceback.
     global _interrupt_taken
-    _interrupt_taken = os.pipe()
-    os.set_blocking(_interrupt_taken[1], False)
+    _interrupt_taken = socket.socketpair()  # not a pipe: Windows waits on sockets only
+    _interrupt_taken[1].setblocking(False)
     signal.signal(signal.SIGINT, _on_interrupt)
+    _flush_all()
     _protocol.send(conn, Ready(os.getpid()))
 
     commands: queue.Queue[_protocol.Message] = queue.Queue()
@@ -142,11 +170,21 @@ def _line_buffer_c_stdio() -> None:
 
 
 def _flush_all() -> None:
+    """Flush Python's and C's stdio, before a reply: what the rank printed comes first.
+
+    Where a thread relays the output (the portable start), also mark the place in both
+    streams, so the kernel can tell when the relay has caught up with the reply.
+    """
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).fflush(None)
+    if os.name == "posix":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).fflush(None)
+    if _output_mark is not None:
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                os.write(fd, _output_mark)
 
 
 def _set_up_devices(init: Init) -> None:
@@ -170,7 +208,7 @@ def _set_up_devices(init: Init) -> None:
         # A FileStore in the World's private folder: torch's TCPStore would listen on every
         # interface, where anyone on the network could join the rendezvous.
         store = dist.FileStore(init.store_path, init.world_size)  # type: ignore[attr-defined]
-        if init.gpu is not None:
+        if init.gpu is not None and dist.is_nccl_available():
             dist.init_process_group(
                 "nccl", store=store, rank=init.rank, world_size=init.world_size,
                 device_id=torch.device("cuda", init.rank),
@@ -193,20 +231,46 @@ def _read_commands(conn: Connection, commands: queue.Queue[_protocol.Message]) -
     while True:
         ready = wait([conn, _interrupt_taken[0]])
         if _interrupt_taken[0] in ready:
-            taken = os.read(_interrupt_taken[0], 64)
+            taken = _interrupt_taken[0].recv(64)
             _send(conn, Interrupted(in_user_code=b"u" in taken))
         if conn not in ready:
             continue
         try:
             message = _protocol.recv(conn)
         except (EOFError, OSError):
-            # The kernel is gone (killed, restarted): take the whole process group down,
-            # children the user's code started included.
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-            return
+            _end_with_kernel()
+        if isinstance(message, Interrupt):
+            _interrupt_main_thread()
+            continue
+        if isinstance(message, DumpStacks):
+            faulthandler.dump_traceback(file=_stacks_file, all_threads=True)
+            _stacks_file.flush()
+            continue
         commands.put(message)
         if isinstance(message, Close):
             return
+
+
+def _end_with_kernel() -> NoReturn:
+    """The kernel is gone (killed, restarted): take the rank's whole tree down, children
+    the user's code started included. (On Windows the rank's job object does that.)"""
+    if hasattr(os, "killpg"):
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    os._exit(1)
+
+
+def _interrupt_main_thread() -> None:
+    """What the kernel's SIGINT does where the kernel cannot send one (Interrupt).
+
+    Sent to the main thread itself, so a blocking call there (a sleep, a read) returns with
+    EINTR; on Windows raise_signal sets the event its sleeps and waits watch.
+    """
+    if hasattr(signal, "pthread_kill"):
+        main_id = threading.main_thread().ident
+        assert main_id is not None
+        signal.pthread_kill(main_id, signal.SIGINT)
+    else:
+        signal.raise_signal(signal.SIGINT)
 
 
 _send_lock = threading.Lock()
@@ -231,10 +295,13 @@ def _serve(conn: Connection, commands: queue.Queue[_protocol.Message]) -> None:
 
 
 _in_user_code = False
-# Written by the SIGINT handler, read by the control thread, which tells the kernel. A pipe:
-# the handler runs in the main thread, possibly inside _send, so it must not take the lock.
-# Made by main(), not at import.
-_interrupt_taken: tuple[int, int] = (-1, -1)
+# Written by the SIGINT handler, read by the control thread, which tells the kernel. Not
+# _send: the handler runs in the main thread, possibly inside _send, so it must not take
+# the lock. Made by main(), not at import.
+_interrupt_taken: tuple[socket.socket, socket.socket]
+# Set by main() for the portable start only: see _flush_all.
+_output_mark: bytes | None = None
+_stacks_file: TextIO
 
 
 def _on_interrupt(signum: int, frame: Any) -> None:
@@ -243,7 +310,7 @@ def _on_interrupt(signum: int, frame: Any) -> None:
     # answer. It must stop the user's code and nothing else: raised while a reply is being
     # framed it would corrupt the channel, and raised while idle there is nothing to stop.
     with contextlib.suppress(OSError):
-        os.write(_interrupt_taken[1], b"u" if _in_user_code else b"o")
+        _interrupt_taken[1].send(b"u" if _in_user_code else b"o")
     if _in_user_code:
         raise KeyboardInterrupt
 

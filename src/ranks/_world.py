@@ -276,9 +276,6 @@ def _check_world(
 ) -> tuple[list[RankSpec], dict[str, str]]:
     if backend != "local":
         raise ValueError(f"backend={backend!r} is not available; use backend='local'")
-    if os.name != "posix":
-        raise RanksError("ranks starts its ranks on Linux and macOS; this system is not"
-                         " supported yet")
     if not isinstance(torch_dist, bool):
         raise TypeError(f"torch_dist must be True or False, not {torch_dist!r}")
     extra = _check_env(env)

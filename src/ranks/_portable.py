@@ -1,0 +1,304 @@
+"""Starting a rank with only what every system has: how ranks start on Windows.
+
+The default start (``_template``, ``_spawn``) gives a rank its control socket and output
+pipes as inherited fds and stops it with POSIX signals. Windows passes no fds, signals no
+single process, and ``multiprocessing.connection.wait`` cannot wait on its pipes. Here:
+
+* **Control channel.** The kernel listens on a loopback port of its own, one per rank, and
+  writes the port and a random token to the rank's stdin. The rank connects back and sends
+  the token first; a connection that does not bring it is dropped.
+* **Output.** The rank's stdout and stderr are pipes, each copied by a kernel thread into a
+  socket pair the supervisor waits on. The copy may fall behind the rank's reply, so before
+  each reply the rank writes a marker (made from the token) into both pipes; the relay
+  strips and counts the markers, and the supervisor holds a reply until the relays have
+  passed its marker (:meth:`PortableRank.output_behind`).
+* **Interrupt and stack dump.** Messages on the control channel: the rank's control thread
+  raises SIGINT in its main thread, or writes every thread's stack with faulthandler.
+* **Process tree.** POSIX: a session of its own, signalled as a group, as by default.
+  Windows: a job object per rank (``_winjob``), which ends the rank with every process it
+  started, and which Windows kills when the kernel dies and its handle to the job closes.
+
+``RANKS_START_METHOD=portable`` takes this path on Linux and macOS too: that is how the test
+suite covers it where it runs. There the process sentinel is the waiting thread macOS uses
+and no watcher process is forked, as on Windows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from typing import IO, Any
+
+from . import _protocol
+from ._placement import RankSpec
+from ._spawn import BOOT, KILL, PACKAGE_PARENT, OutputStream, RankProcess, process_sentinel
+
+WINDOWS = sys.platform == "win32"
+TOKEN_WAIT = 5.0  # seconds a connection gets to present the token once accepted
+_RELAY_CHUNK = 1 << 16
+_ACCEPT_POLL = 0.05  # how often a start that waits for its rank checks that it still runs
+
+
+def output_mark(token: str) -> bytes:
+    """What a rank writes to fds 1 and 2 before each reply: the relay's sign that all
+    output before it has been copied. The token's half makes it unguessable to user code."""
+    return b"\0ranks:" + token[:16].encode() + b"\0"
+
+
+class RelayedOutput:
+    """A rank's output pipe, copied by a thread into a socket the supervisor waits on.
+
+    The copy is verbatim; :meth:`read`, in the supervisor's thread, takes the markers out
+    and counts them, so a marker is seen exactly when the output before it has been read.
+    """
+
+    def __init__(self, pipe: IO[bytes], name: str, mark: bytes) -> None:
+        self.name = name
+        self.marks = 0  # markers read so far
+        self._mark = mark
+        self._held = b""  # the end of the last read, which may be the start of a marker
+        self._ours, theirs = socket.socketpair()
+        self._ours.setblocking(False)
+        self._thread = threading.Thread(
+            target=_relay, args=(pipe, theirs), daemon=True, name=f"ranks-relay-{name}")
+        self._thread.start()
+
+    @property
+    def waitable(self) -> object:
+        return self._ours
+
+    def read(self, size: int) -> bytes | None:
+        try:
+            chunk = self._ours.recv(size)
+        except BlockingIOError:
+            return None
+        except OSError:
+            chunk = b""
+        if not chunk:  # end of stream: what was held back first, then b""
+            held, self._held = self._held, b""
+            return held
+        *before_marks, rest = (self._held + chunk).split(self._mark)
+        self.marks += len(before_marks)
+        # A marker may be cut in two by the read: hold back what may be its start.
+        cut = len(rest) - _partial_mark(rest, self._mark)
+        self._held = rest[cut:]
+        data = b"".join(before_marks) + rest[:cut]
+        return data or None  # only markers: nothing to show (yet)
+
+    def close(self) -> None:
+        self._ours.close()
+
+    def settle(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) for the relay to reach the end of the pipe: after the
+        rank died, what it wrote last is still in the pipe for a moment."""
+        self._thread.join(timeout)
+
+
+def _relay(pipe: IO[bytes], sock: socket.socket) -> None:
+    with pipe, sock, contextlib.suppress(OSError):  # OSError: the kernel let go of it
+        while chunk := os.read(pipe.fileno(), _RELAY_CHUNK):
+            sock.sendall(chunk)
+
+
+def _partial_mark(data: bytes, mark: bytes) -> int:
+    """The length of the longest end of ``data`` that is a beginning of ``mark``."""
+    for length in range(min(len(mark) - 1, len(data)), 0, -1):
+        if data.endswith(mark[:length]):
+            return length
+    return 0
+
+
+@dataclass
+class PortableRank(RankProcess):
+    """A rank started by :class:`PortableStart`: messages stand in for signals."""
+
+    popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    job: Any = field(default=None, repr=False)  # Windows: the rank's _winjob.Job
+
+    def interrupt(self) -> None:
+        self._tell(_protocol.Interrupt())
+
+    def request_stacks(self) -> None:
+        open(self.stacks_path, "w").close()
+        self._tell(_protocol.DumpStacks())
+
+    def signal_tree(self, signum: int) -> None:
+        if self.job is not None:
+            self.job.kill()  # Windows has no gentler way to end a tree
+        else:
+            super().signal_tree(signum)
+
+    def output_behind(self) -> bool:
+        return any(isinstance(stream, RelayedOutput) and stream.marks < self.answers
+                   for stream in self.output)
+
+    def reap(self) -> int:
+        if self.returncode is None:
+            for stream in self.output:
+                if isinstance(stream, RelayedOutput):
+                    stream.settle(0.2)
+        return super().reap()
+
+    def release(self) -> None:
+        if self._closed:
+            return
+        if WINDOWS:
+            self.sentinel = -1  # the process handle, which Popen owns and closes
+        super().release()
+        if self.job is not None:
+            self.job.close()  # kills whatever of the tree is left
+
+    def _tell(self, message: _protocol.Message) -> None:
+        if self.returncode is None:
+            with contextlib.suppress(OSError):
+                _protocol.send(self.conn, message)
+
+
+class PortableStart:
+    """A rank process started and not yet connected back; :meth:`connect` finishes it.
+
+    Two steps, so that several ranks boot at once while the kernel waits for the first.
+    """
+
+    def __init__(
+        self, spec: RankSpec, env: Mapping[str, str], cwd: str, stacks_path: str
+    ) -> None:
+        self.spec = spec
+        self._stacks_path = stacks_path
+        self._listener = _loopback_listener()
+        self._token = secrets.token_hex(16)
+        try:
+            boot = BOOT.format(parent=PACKAGE_PARENT)
+            self._popen = subprocess.Popen(
+                [sys.executable, "-c", boot, "portable", str(os.getpid()), stacks_path],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=dict(env), cwd=cwd, **_own_process_tree(),
+            )
+        except BaseException:
+            self._listener.close()
+            raise
+        self._job: Any = None
+        if sys.platform == "win32":  # spelled out: mypy skips it elsewhere, as it must
+            from ._winjob import Job
+
+            self._job = Job.for_process(self._popen)
+        assert self._popen.stdin is not None
+        assert self._popen.stdout is not None and self._popen.stderr is not None
+        with contextlib.suppress(OSError):  # died at once: connect() finds out
+            port = self._listener.getsockname()[1]
+            self._popen.stdin.write(f"{port} {self._token}\n".encode())
+        with contextlib.suppress(OSError):
+            self._popen.stdin.close()
+        mark = output_mark(self._token)
+        self._output: list[OutputStream] = [RelayedOutput(self._popen.stdout, "stdout", mark),
+                        RelayedOutput(self._popen.stderr, "stderr", mark)]
+
+    def connect(self, deadline: float | None) -> PortableRank:
+        """Wait for the rank to connect back. TimeoutError once ``deadline`` passes; a rank
+        that died first comes back with its channel at end of file, like any dead rank."""
+        try:
+            conn = self._accept(deadline)
+        except BaseException:
+            self.kill()
+            raise
+        finally:
+            self._listener.close()
+        popen = self._popen
+        # Windows: the process handle, which wait() takes as it is.
+        sentinel = (int(popen._handle) if WINDOWS  # type: ignore[attr-defined]
+                    else process_sentinel(popen, pidfd=False))
+        return PortableRank(
+            spec=self.spec, pid=popen.pid, conn=conn, sentinel=sentinel, output=self._output,
+            stacks_path=self._stacks_path, collect_status=popen.wait, popen=popen,
+            job=self._job,
+        )
+
+    def kill(self) -> None:
+        """End a rank that will not be connected (a launch that failed or ran out of time)."""
+        if self._job is not None:
+            self._job.close()
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self._popen.pid, KILL)
+        self._popen.wait()
+        for stream in self._output:
+            stream.close()
+
+    def _accept(self, deadline: float | None) -> Connection:
+        while True:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise TimeoutError(f"rank {self.spec.rank} did not connect back in time")
+            if self._popen.poll() is not None:
+                return _dead_connection()
+            wait = _ACCEPT_POLL if deadline is None else min(_ACCEPT_POLL, deadline - now)
+            self._listener.settimeout(max(wait, 0.001))
+            try:
+                peer, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            if _presents_token(peer, self._token):
+                peer.setblocking(True)
+                return Connection(peer.detach())
+            peer.close()  # not our rank: someone else on this machine
+
+
+def _loopback_listener() -> socket.socket:
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if sys.platform == "win32":
+            # Without it another program could bind the same port and take the connection.
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def _presents_token(peer: socket.socket, token: str) -> bool:
+    expected = token.encode() + b"\n"
+    received = b""
+    peer.settimeout(TOKEN_WAIT)
+    with contextlib.suppress(OSError):
+        while len(received) < len(expected) and b"\n" not in received:
+            chunk = peer.recv(len(expected) - len(received))
+            if not chunk:
+                break
+            received += chunk
+    return hmac.compare_digest(received, expected)
+
+
+def _dead_connection() -> Connection:
+    """A channel already at end of file, for a rank that died before connecting."""
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    return Connection(ours.detach())
+
+
+def _own_process_tree() -> dict[str, Any]:
+    """Popen arguments that keep the rank's tree apart from the kernel's."""
+    if WINDOWS:
+        # Its own console process group: a Ctrl+C meant for the kernel does not reach it.
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}  # type: ignore[attr-defined]
+    return {"start_new_session": True}
+
+
+def connect_back() -> tuple[Connection, str]:
+    """The rank's side of the handshake: read the port and token, connect, send the token."""
+    line = sys.stdin.buffer.readline().split()
+    port, token = int(line[0]), line[1].decode()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(token.encode() + b"\n")
+    return Connection(sock.detach()), token
