@@ -72,6 +72,27 @@ if [ "$#" -eq 0 ]; then
   RANKS_START_METHOD=portable "$PY" -m pytest -q --junitxml="${results%.xml}-portable.xml" \
     "${portable_files[@]}" || status=$?
   [ "$status" -eq 0 ] || failed+=("pytest RANKS_START_METHOD=portable (exit status $status)")
+
+  # Windows: the kernel-driven tests again, in a Jupyter kernel on Windows CPython under
+  # Wine (scripts/windows-python.sh; about three minutes). Where Wine is missing this pass
+  # is skipped, unless RANKS_REQUIRE_WINDOWS=1 (.ci/run installs Wine and sets it).
+  windows_files=(tests/test_run_notebook.py tests/test_failures.py tests/test_world.py
+                 tests/test_output.py)
+  if command -v wine >/dev/null 2>&1 && [ -z "${RANKS_WHEELS:-}" ]; then
+    echo "==> pytest, RANKS_TEST_KERNEL=windows: ${windows_files[*]}"
+    status=0
+    RANKS_PYTHON="$PY" bash scripts/windows-python.sh || status=$?
+    if [ "$status" -eq 0 ]; then
+      RANKS_TEST_KERNEL=windows "$PY" -m pytest -q \
+        --junitxml="${results%.xml}-windows.xml" "${windows_files[@]}" || status=$?
+    fi
+    [ "$status" -eq 0 ] || failed+=("pytest RANKS_TEST_KERNEL=windows (exit status $status)")
+  elif [ "${RANKS_REQUIRE_WINDOWS:-0}" = 1 ]; then
+    echo "error: RANKS_REQUIRE_WINDOWS=1 but wine is not installed" >&2
+    failed+=("Windows pass (no wine)")
+  else
+    echo "==> skipped: the Windows pass (wine is not installed, or installing offline)"
+  fi
 fi
 
 if [ "${#failed[@]}" -ne 0 ]; then

@@ -17,47 +17,10 @@ from pathlib import Path
 
 import psutil
 import pytest
-from kernel import KERNEL_PIDS, Kernel
+from kernel import KERNEL_PIDS, WINDOWS_KERNEL, Kernel, default_kernel
+from processes import rank_processes
 
 LEAK_GRACE = 5.0
-# Marks every process this session starts (kernels, templates and ranks inherit it), so the
-# leak check neither blames nor kills the ranks of another test session on the same machine.
-SESSION_VARIABLE = "RANKS_TEST_SESSION"
-SESSION = str(os.getpid())
-os.environ[SESSION_VARIABLE] = SESSION
-
-
-def _ours(proc: psutil.Process) -> bool:
-    try:
-        return proc.environ().get(SESSION_VARIABLE) == SESSION
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False  # gone, or a zombie: it holds nothing
-
-
-def rank_processes() -> list[psutil.Process]:
-    """Ranks (spawned, or forked from a template) and templates whose kernel is gone.
-
-    A template that belongs to a live process (this one, or a kernel) is expected to stay:
-    there is one per kernel, for the kernel's lifetime.
-    """
-    found = []
-    for proc in psutil.process_iter(["cmdline", "ppid"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if "ranks." not in cmdline or not _ours(proc):
-            continue
-        if "ranks._worker" in cmdline:
-            found.append(proc)
-        elif "ranks._template" in cmdline:
-            try:
-                parent_cmdline = " ".join(psutil.Process(proc.info["ppid"]).cmdline())
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                parent_cmdline = ""
-            # A fork of a template is a rank; a template re-parented to init is an orphan.
-            if "ranks._template" in parent_cmdline or proc.info["ppid"] == 1:
-                found.append(proc)
-    return found
-
-
 def _unexpected_children() -> list[psutil.Process]:
     me = psutil.Process()
     kernels = {pid for pid in KERNEL_PIDS if psutil.pid_exists(pid)}
@@ -83,6 +46,16 @@ def _own_template_pid() -> int | None:
 def _shm_segments() -> set[str]:
     shm = Path("/dev/shm")
     return {p.name for p in shm.iterdir() if "ranks" in p.name} if shm.exists() else set()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With RANKS_TEST_KERNEL=windows only the tests that drive a kernel concern Windows:
+    the others run this interpreter, as in the suite's other passes."""
+    if not WINDOWS_KERNEL:
+        return
+    in_kernel = [i for i in items if {"kernel", "fresh_kernel"} & set(i.fixturenames)]  # type: ignore[attr-defined]
+    config.hook.pytest_deselected(items=[i for i in items if i not in in_kernel])
+    items[:] = in_kernel
 
 
 @pytest.fixture(autouse=True)
@@ -121,7 +94,7 @@ def no_leaks() -> Iterator[None]:
 def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
     """One real ipykernel per test module, started in its own empty folder."""
     workdir = tmp_path_factory.mktemp("kernel")
-    k = Kernel(str(workdir))
+    k = default_kernel(str(workdir))
     k.workdir = workdir  # type: ignore[attr-defined]
     k.ok("import ranks")
     yield k
@@ -131,7 +104,7 @@ def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
 @pytest.fixture
 def fresh_kernel(tmp_path: Path) -> Iterator[Kernel]:
     """A kernel of the test's own, for tests that interrupt, kill or restart it."""
-    k = Kernel(str(tmp_path))
+    k = default_kernel(str(tmp_path))
     k.workdir = tmp_path  # type: ignore[attr-defined]
     yield k
     # Read before shutting down: the provisioner forgets its process then (and has already

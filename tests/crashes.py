@@ -21,6 +21,7 @@ inherit), so it imports nothing but the standard library at the top.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import subprocess
 import sys
@@ -54,10 +55,16 @@ def fail(how: str) -> None:
     if how in EXIT_CODES:
         (sys.exit if how == "sys.exit" else os._exit)(EXIT_CODES[how])
     if how == "segfault":
+        if sys.platform == "win32":
+            # ctypes turns an access violation into OSError there; this one is real.
+            faulthandler._read_null()
         ctypes.string_at(0)
     if how == "sigkill":
-        # Sent by another process, as the OOM killer or a user's `kill -9` would.
-        subprocess.run(["kill", "-KILL", str(os.getpid())], check=False)
+        # Sent by another process, as the OOM killer or a user's `kill -9` would. Windows:
+        # TerminateProcess (os.kill with any number but Ctrl events) with exit code 9.
+        kill = (["kill", "-KILL", str(os.getpid())] if os.name == "posix" else
+                [sys.executable, "-c", f"import os; os.kill({os.getpid()}, 9)"])
+        subprocess.run(kill, check=False)
     time.sleep(WAIT)  # "hang"; and what a SIGKILLed rank never gets to finish
     raise AssertionError(f"rank survived {how!r}")
 
@@ -190,4 +197,5 @@ def facts(error: BaseException, started: float, arrived: float, folder: str) -> 
         "failing_pid": int(pid_file.read_text()) if pid_file.exists() else None,
         "since_fired": None if fired is None else arrived - fired,
         "since_start": arrived - started,
+        "platform": sys.platform,  # the kernel's
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import subprocess
 import sys
 import threading
 import time
@@ -20,12 +21,48 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from jupyter_client.manager import KernelManager
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # Kernels started by the fixtures: the leak check knows these are expected to live.
 KERNEL_PIDS: set[int] = set()
+
+# RANKS_TEST_KERNEL=windows: the fixtures' kernels run on Windows CPython under Wine, as
+# scripts/windows-python.sh prepares it in .windows/ (see tests/test_windows.py).
+WINDOWS_KERNEL = os.environ.get("RANKS_TEST_KERNEL", "") == "windows"
+WINDOWS_ROOT = Path(__file__).resolve().parent.parent / ".windows"
+WINDOWS_PYTHON = WINDOWS_ROOT / "python" / "python.exe"
+WINDOWS_ENV = {"WINEPREFIX": str(WINDOWS_ROOT / "prefix"), "WINEDEBUG": "-all"}
+
+
+# Tests whose cells need torch in the kernel: none for the Windows kernel, where torch's
+# win_amd64 build does not start under Wine 8 (its ucrtbase.dll lacks crealf).
+needs_torch_in_kernel = pytest.mark.skipif(
+    WINDOWS_KERNEL, reason="no torch in the Windows kernel under Wine (ucrtbase lacks crealf)")
+
+
+def windows_kernel_argv() -> list[str]:
+    """ipykernel on the Windows CPython under Wine (the connection file's Unix path reads
+    as a path on Wine's Z: drive, which is the kernel's current drive)."""
+    return ["wine", str(WINDOWS_PYTHON), "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+
+
+def host_path(path: str) -> str:
+    """A path the kernel gave, as this process reads it (a Windows kernel's, via winepath)."""
+    if not WINDOWS_KERNEL:
+        return path
+    found = subprocess.run(["winepath", "-u", path], env={**os.environ, **WINDOWS_ENV},
+                           capture_output=True, text=True, check=True)
+    return found.stdout.strip()
+
+
+def default_kernel(cwd: str, env: dict[str, str] | None = None) -> Kernel:
+    """The fixtures' kernel: on this interpreter, or on Windows (RANKS_TEST_KERNEL)."""
+    if WINDOWS_KERNEL:
+        return Kernel(cwd, {**WINDOWS_ENV, **(env or {})}, windows_kernel_argv())
+    return Kernel(cwd, env)
 
 
 @dataclass
@@ -53,16 +90,34 @@ class Cell:
 
 
 class Kernel:
-    def __init__(self, cwd: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, cwd: str, env: dict[str, str] | None = None, argv: list[str] | None = None
+    ) -> None:
+        """``argv``: the kernel's command line (``{connection_file}`` in it), by default
+        ipykernel on this interpreter (the one with ranks installed)."""
         self.manager = KernelManager(kernel_name="python3")
         kernel_env = dict(os.environ)
         kernel_env.update(env or {})
-        # The kernel must run this interpreter (the one with ranks installed).
-        self.manager.kernel_spec.argv[0] = sys.executable
-        self.manager.start_kernel(cwd=cwd, env=kernel_env)
+        if argv is None:
+            self.manager.kernel_spec.argv[0] = sys.executable
+        else:
+            self.manager.kernel_spec.argv[:] = argv
+        self._output_drain: threading.Thread | None = None
+        if argv is None:
+            self.manager.start_kernel(cwd=cwd, env=kernel_env)
+        else:
+            # Wine cannot give a Windows program a regular file or /dev/null as its stdout
+            # (pytest's capture): "init_sys_streams: Invalid handle". A pipe it can.
+            self.manager.start_kernel(cwd=cwd, env=kernel_env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT)
+            process = self.manager.provisioner.process  # type: ignore[union-attr]
+            self._output_drain = threading.Thread(
+                target=_drain, args=(process.stdout, Path(cwd) / "kernel-output.log"),
+                daemon=True, name="kernel-output")
+            self._output_drain.start()
         self.client = self.manager.client()
         self.client.start_channels()
-        self.client.wait_for_ready(timeout=60)
+        self.client.wait_for_ready(timeout=120)
         KERNEL_PIDS.add(self.pid)
 
     @property
@@ -169,3 +224,13 @@ class Kernel:
         self.client.stop_channels()
         self.manager.shutdown_kernel(now=False)
         KERNEL_PIDS.discard(pid)
+        if self._output_drain is not None:
+            self._output_drain.join(10)
+
+
+def _drain(pipe: Any, log: Path) -> None:
+    """Copy a kernel's output pipe to a log file until the kernel and its children close it."""
+    with pipe, open(log, "ab") as out:
+        while chunk := pipe.read1(1 << 16):
+            out.write(chunk)
+            out.flush()

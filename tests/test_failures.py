@@ -19,7 +19,7 @@ from typing import Any
 import crashes
 import psutil
 import pytest
-from kernel import Kernel
+from kernel import Kernel, needs_torch_in_kernel
 
 import ranks
 from ranks._placement import plan_ranks, visible_gpus
@@ -73,6 +73,14 @@ def check(facts: dict[str, Any], where: str, how: str) -> None:
     if how in crashes.EXIT_CODES:
         assert facts["exitcode"] == crashes.EXIT_CODES[how], facts
         assert facts["signal_name"] is None, facts
+    elif facts["platform"] == "win32":  # no signals: NTSTATUS codes, TerminateProcess's
+        if how == "segfault":
+            assert facts["exitcode"] == 0xC0000005, facts
+            assert "crashed with 0xc0000005, an access violation" in facts["message"], facts
+            assert "Windows fatal exception: access violation" in last_lines, facts
+        else:
+            assert facts["exitcode"] == 9, facts
+        assert facts["signal_name"] is None, facts
     elif how == "segfault":
         assert facts["exitcode"] == -signal.SIGSEGV and facts["signal_name"] == "SIGSEGV", facts
         assert "Segmentation fault" in last_lines, facts  # the rank's fault handler
@@ -95,8 +103,12 @@ def test_crash_table(where: str, how: str, tmp_path: Path) -> None:
 
 # The subset that runs in a real kernel: one of each HOW, each WHERE at least once.
 KERNEL_CASES = [
-    ("run", "raise"), ("collective", "raise"), ("load", "sys.exit"), ("run", "os._exit"),
-    ("dump", "segfault"), ("run", "sigkill"), ("run", "hang"), ("kernel", "raise"),
+    pytest.param(where, how, id=f"{where}-{how}",
+                 marks=[needs_torch_in_kernel] if where == "collective" else [])
+    for where, how in [
+        ("run", "raise"), ("collective", "raise"), ("load", "sys.exit"), ("run", "os._exit"),
+        ("dump", "segfault"), ("run", "sigkill"), ("run", "hang"), ("kernel", "raise"),
+    ]
 ]
 
 
@@ -107,8 +119,7 @@ def crash_kernel(kernel: Kernel) -> Kernel:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("where", "how"), KERNEL_CASES,
-                         ids=[f"{w}-{h}" for w, h in KERNEL_CASES])
+@pytest.mark.parametrize(("where", "how"), KERNEL_CASES)
 def test_crash_table_in_kernel(crash_kernel: Kernel, where: str, how: str,
                                tmp_path: Path) -> None:
     crash_kernel.ok(f"""

@@ -23,10 +23,12 @@ import pytest
 import ranks
 from ranks import _protocol
 from ranks._placement import RankSpec
-from ranks._portable import PortableStart, RelayedOutput, output_mark
+from ranks._portable import CALL_MARK, REPLY_MARK, PortableStart, RelayedOutput, output_mark
 from ranks._protocol import Close, Init, Ready
 
-MARK = output_mark("0123456789abcdef" * 2)
+TOKEN = "0123456789abcdef" * 2
+MARK = output_mark(TOKEN, REPLY_MARK)
+CALL = output_mark(TOKEN, CALL_MARK)
 
 
 @pytest.fixture
@@ -54,14 +56,14 @@ def test_relay_strips_its_markers_wherever_a_read_cuts_them() -> None:
     user_text = b"loss 0.5\n\0ranks:not-the-token\0\n\0"
     for cut in range(1, len(MARK)):
         read_end, write_end = os.pipe()
-        stream = RelayedOutput(os.fdopen(read_end, "rb", buffering=0), "stdout", MARK)
+        stream = RelayedOutput(os.fdopen(read_end, "rb", buffering=0), "stdout", TOKEN)
         first = b"a line\n" + MARK[:cut]
         os.write(write_end, first)
         time.sleep(0.005)  # a separate read of each half, most of the time
         os.write(write_end, MARK[cut:] + user_text + MARK)
         os.close(write_end)
         assert read_to_end(stream) == b"a line\n" + user_text, cut
-        assert stream.marks == 2, cut
+        assert stream.replies == 2, cut
         stream.settle(5)
         stream.close()
 
@@ -70,11 +72,29 @@ def test_relay_strips_its_markers_wherever_a_read_cuts_them() -> None:
 def test_relay_holds_a_possible_marker_start_only_until_the_end() -> None:
     """Output that ends like the start of a marker is not lost: it comes at end of stream."""
     read_end, write_end = os.pipe()
-    stream = RelayedOutput(os.fdopen(read_end, "rb", buffering=0), "stderr", MARK)
+    stream = RelayedOutput(os.fdopen(read_end, "rb", buffering=0), "stderr", TOKEN)
     os.write(write_end, b"done" + MARK[:5])
     os.close(write_end)
     assert read_to_end(stream) == b"done" + MARK[:5]
-    assert stream.marks == 0
+    assert stream.replies == 0
+    stream.settle(5)
+    stream.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_read_ends_at_a_call_marker() -> None:
+    """Output before a call marker (written between calls) comes apart from what follows
+    (the call's): the kernel binds output to the call's cell between the two reads."""
+    read_end, write_end = os.pipe()
+    stream = RelayedOutput(os.fdopen(read_end, "rb", buffering=0), "stdout", TOKEN)
+    os.write(write_end, b"between calls\n" + CALL + b"the call's\n" + MARK)
+    os.close(write_end)
+    wait([stream.waitable], 10)  # type: ignore[list-item]
+    time.sleep(0.1)  # all of it in the socket: one receive takes it
+    assert stream.read(1 << 16) == b"between calls\n"
+    assert (stream.calls, stream.replies) == (1, 0)
+    assert read_to_end(stream) == b"the call's\n"
+    assert (stream.calls, stream.replies) == (1, 1)
     stream.settle(5)
     stream.close()
 

@@ -85,6 +85,8 @@ class RankCrashed(RanksError):
             how += hint
         elif self.exitcode is None:
             how = "ended with an unknown status"
+        elif self.exitcode in _WINDOWS_CRASHES:
+            how = f"crashed with {self.exitcode:#x}, {_WINDOWS_CRASHES[self.exitcode]}"
         else:
             how = f"exited with code {self.exitcode} (sys.exit or os._exit)"
         text = f"rank {self.rank} (pid {self.pid}, {self.device}) {how} while {self.during}."
@@ -99,6 +101,16 @@ class RankCrashed(RanksError):
             type(self),
             (self.rank, self.pid, self.exitcode, self.device, self.last_lines, self.during),
         )
+
+
+# Windows ends a crashed process with an NTSTATUS code as its exit code (no signals there).
+_WINDOWS_CRASHES = {
+    0xC0000005: "an access violation (a crash in native code: an extension, a driver, or a"
+                " bad pointer; the rank's fault handler printed its Python stack above)",
+    0xC00000FD: "a stack overflow",
+    0xC0000409: "a fail-fast exception (native code aborted; look for an assertion above)",
+    0xC0000017: "no memory left",
+}
 
 
 class RanksTimeout(RanksError):

@@ -124,7 +124,9 @@ class _Assembler:
         finished = [self._shorten(_visible(line)) for line in lines]
         if lines:
             self.redrawn = False
-        if "\r" in self.partial:
+        # A "\r" at the very end is most often the first half of a Windows "\r\n" cut by
+        # the read: a redraw only once something follows it.
+        if "\r" in self.partial.rstrip("\r"):
             self.redrawn = True
             self.cut = 0  # what was cut belonged to states redrawn since
             self.partial = "\r" + _visible(self.partial)  # keep only what a terminal shows now

@@ -8,10 +8,11 @@ single process, and ``multiprocessing.connection.wait`` cannot wait on its pipes
   writes the port and a random token to the rank's stdin. The rank connects back and sends
   the token first; a connection that does not bring it is dropped.
 * **Output.** The rank's stdout and stderr are pipes, each copied by a kernel thread into a
-  socket pair the supervisor waits on. The copy may fall behind the rank's reply, so before
-  each reply the rank writes a marker (made from the token) into both pipes; the relay
-  strips and counts the markers, and the supervisor holds a reply until the relays have
-  passed its marker (:meth:`PortableRank.output_behind`).
+  socket pair the supervisor waits on. The copy may fall behind the rank's messages, so
+  the rank writes markers (made from the token) into both pipes: before each reply, and
+  when it takes a call. The kernel strips and counts them; it holds a reply until the
+  output before its marker is read (:meth:`PortableRank.output_behind`), and shows output
+  in a call's cell only from the call's marker on (:meth:`PortableRank.output_before_call`).
 * **Interrupt and stack dump.** Messages on the control channel: the rank's control thread
   raises SIGINT in its main thread, or writes every thread's stack with faulthandler.
 * **Process tree.** POSIX: a session of its own, signalled as a group, as by default.
@@ -49,10 +50,17 @@ _RELAY_CHUNK = 1 << 16
 _ACCEPT_POLL = 0.05  # how often a start that waits for its rank checks that it still runs
 
 
-def output_mark(token: str) -> bytes:
-    """What a rank writes to fds 1 and 2 before each reply: the relay's sign that all
-    output before it has been copied. The token's half makes it unguessable to user code."""
-    return b"\0ranks:" + token[:16].encode() + b"\0"
+# A marker's last byte; never NUL, its first: a whole marker must not end like the start
+# of another (see RelayedOutput.read, which holds back what may be one's start).
+REPLY_MARK = b"\1"
+CALL_MARK = b"\2"
+
+
+def output_mark(token: str, kind: bytes) -> bytes:
+    """What a rank writes to fds 1 and 2 before each reply (``REPLY_MARK``) and when it
+    takes a call (``CALL_MARK``): signs for the kernel of where the relayed output stands.
+    The token's half makes them unguessable to user code."""
+    return b"\0ranks:" + token[:16].encode() + kind
 
 
 class RelayedOutput:
@@ -60,13 +68,18 @@ class RelayedOutput:
 
     The copy is verbatim; :meth:`read`, in the supervisor's thread, takes the markers out
     and counts them, so a marker is seen exactly when the output before it has been read.
+    A read ends at a call marker: what comes before it was written between calls (for the
+    logs only), what comes after belongs to the call (``Supervisor._await_call_starts``).
     """
 
-    def __init__(self, pipe: IO[bytes], name: str, mark: bytes) -> None:
+    def __init__(self, pipe: IO[bytes], name: str, token: str) -> None:
         self.name = name
-        self.marks = 0  # markers read so far
-        self._mark = mark
-        self._held = b""  # the end of the last read, which may be the start of a marker
+        self.replies = 0  # reply markers read so far
+        self.calls = 0  # call markers read so far
+        self._reply_mark = output_mark(token, REPLY_MARK)
+        self._call_mark = output_mark(token, CALL_MARK)
+        self._pending = b""  # received, not yet returned: what follows a call marker
+        self._held = b""  # the end of the last receive, which may be the start of a marker
         self._ours, theirs = socket.socketpair()
         self._ours.setblocking(False)
         self._thread = threading.Thread(
@@ -78,22 +91,25 @@ class RelayedOutput:
         return self._ours
 
     def read(self, size: int) -> bytes | None:
-        try:
-            chunk = self._ours.recv(size)
-        except BlockingIOError:
-            return None
-        except OSError:
-            chunk = b""
-        if not chunk:  # end of stream: what was held back first, then b""
-            held, self._held = self._held, b""
-            return held
-        *before_marks, rest = (self._held + chunk).split(self._mark)
-        self.marks += len(before_marks)
-        # A marker may be cut in two by the read: hold back what may be its start.
-        cut = len(rest) - _partial_mark(rest, self._mark)
-        self._held = rest[cut:]
-        data = b"".join(before_marks) + rest[:cut]
-        return data or None  # only markers: nothing to show (yet)
+        if not self._pending:
+            try:
+                chunk = self._ours.recv(size)
+            except BlockingIOError:
+                return None
+            except OSError:
+                chunk = b""
+            if not chunk:  # end of stream: what was held back first, then b""
+                held, self._held = self._held, b""
+                return held
+            data = self._held + chunk
+            # A marker may be cut in two by the receive: hold back what may be its start.
+            # (The two markers differ only in their last byte.)
+            cut = len(data) - _partial_mark(data, self._reply_mark)
+            self._pending, self._held = data[:cut], data[cut:]
+        before, call_mark, self._pending = self._pending.partition(self._call_mark)
+        self.calls += bool(call_mark)
+        self.replies += before.count(self._reply_mark)
+        return before.replace(self._reply_mark, b"") or None  # None: only markers so far
 
     def close(self) -> None:
         self._ours.close()
@@ -139,14 +155,18 @@ class PortableRank(RankProcess):
             super().signal_tree(signum)
 
     def output_behind(self) -> bool:
-        return any(isinstance(stream, RelayedOutput) and stream.marks < self.answers
-                   for stream in self.output)
+        return any(stream.replies < self.answers for stream in self._relayed())
+
+    def output_before_call(self) -> list[OutputStream]:
+        return [stream for stream in self._relayed() if stream.calls < self.calls]
+
+    def _relayed(self) -> list[RelayedOutput]:
+        return [stream for stream in self.output if isinstance(stream, RelayedOutput)]
 
     def reap(self) -> int:
         if self.returncode is None:
-            for stream in self.output:
-                if isinstance(stream, RelayedOutput):
-                    stream.settle(0.2)
+            for stream in self._relayed():
+                stream.settle(0.2)
         return super().reap()
 
     def release(self) -> None:
@@ -199,9 +219,10 @@ class PortableStart:
             self._popen.stdin.write(f"{port} {self._token}\n".encode())
         with contextlib.suppress(OSError):
             self._popen.stdin.close()
-        mark = output_mark(self._token)
-        self._output: list[OutputStream] = [RelayedOutput(self._popen.stdout, "stdout", mark),
-                        RelayedOutput(self._popen.stderr, "stderr", mark)]
+        self._output: list[OutputStream] = [
+            RelayedOutput(self._popen.stdout, "stdout", self._token),
+            RelayedOutput(self._popen.stderr, "stderr", self._token),
+        ]
 
     def connect(self, deadline: float | None) -> PortableRank:
         """Wait for the rank to connect back. TimeoutError once ``deadline`` passes; a rank

@@ -105,6 +105,7 @@ class RankProcess:
     collect_status: Callable[[], int]  # after the sentinel fired: the Popen-style returncode
     returncode: int | None = None
     answers: int = 0  # replies (Ready, Done, Failed) received so far
+    calls: int = 0  # calls sent so far
     _closed: bool = field(default=False, repr=False)
 
     @property
@@ -143,6 +144,12 @@ class RankProcess:
         """Is output that the rank wrote before its last reply still on its way? Never on
         pipes the kernel reads itself: the rank flushes them before it replies."""
         return False
+
+    def output_before_call(self) -> list[OutputStream]:
+        """The streams whose output from before the rank took its last call the kernel has
+        not read yet. None with pipes the kernel reads itself: whatever is unread when the
+        call is sent was written before it, and is read as the call's."""
+        return []
 
     def _signal_rank(self, signum: int) -> None:
         if self.returncode is None:

@@ -190,7 +190,7 @@ class Supervisor:
             # Whatever happened above: nothing of this World outlives its close.
             for proc in self._procs.values():
                 proc.signal_tree(KILL)  # children a rank left behind
-                if proc.alive and wait([proc.sentinel], KILL_GRACE):
+                if proc.alive and _wait_for([proc.sentinel], KILL_GRACE):
                     proc.reap()  # not left a zombie (an interrupted close, a stuck rank)
                 for stream in list(proc.output):
                     self._read_output(proc, stream)
@@ -272,13 +272,15 @@ class Supervisor:
         call_id = next(self._call_ids)
         self._drain()  # no call is bound: what ranks wrote since the last one, to the logs
         self._shown = shown
+        for rank, payload in payloads.items():
+            self._procs[rank].calls += 1
+            # A rank that died since the World last looked: its sentinel reports how.
+            with contextlib.suppress(OSError):
+                _protocol.send(self._procs[rank].conn, Call(call_id, kind, payload, dict(cells)))
+        self._await_call_starts([self._procs[rank] for rank in payloads])
         self.router.begin_call(shown)
         try:
-            for rank, payload in payloads.items():
-                # A rank that died since the World last looked: its sentinel reports how.
-                with contextlib.suppress(OSError):
-                    _protocol.send(self._procs[rank].conn,
-                                   Call(call_id, kind, payload, dict(cells)))
+            self._drain()  # what the ranks wrote since taking the call: the call's
             return self._wait(list(payloads), Done, call_id, started, timeout,
                               "running the function")
         finally:
@@ -392,7 +394,7 @@ class Supervisor:
                 self._record_death(proc, outcomes, during)
         if not pending:
             return
-        ready = wait(list(sources), timeout)  # type: ignore[arg-type]
+        ready = _wait_for(list(sources), timeout)
         # Output first, so the lines a rank printed come before its reply or its death.
         for key in sorted(ready, key=lambda k: sources[k][0] != "output"):
             kind, source, stream = sources[key]
@@ -480,6 +482,22 @@ class Supervisor:
             # after reaping it); the EOF is the closest the kernel sees to when it died.
             self._hung_up.setdefault(rank, time.monotonic())
 
+    def _await_call_starts(self, procs: list[RankProcess]) -> None:
+        """Read, for the logs only, what each rank wrote before it took the call just sent.
+
+        Only a portable rank's output can still be on its way (see ``_portable``): a thread
+        relays it. Without this, what a background thread printed just before the call
+        could show in the call's cell.
+        """
+        limit = time.monotonic() + OUTPUT_CATCH_UP
+        while True:
+            behind = [(proc, out) for proc in procs for out in proc.output_before_call()]
+            if not behind or (left := limit - time.monotonic()) <= 0:
+                return
+            _wait_for([out.waitable for _, out in behind], left)
+            for proc, out in behind:
+                self._read_output(proc, out)  # a read stops at the call's marker
+
     def _catch_up_output(self, proc: RankProcess) -> None:
         """Read the output the rank wrote before the reply just received, if it lags.
 
@@ -489,7 +507,7 @@ class Supervisor:
         proc.answers += 1
         limit = time.monotonic() + OUTPUT_CATCH_UP
         while proc.output_behind() and (left := limit - time.monotonic()) > 0:
-            wait([out.waitable for out in proc.output], left)  # type: ignore[misc]
+            _wait_for([out.waitable for out in proc.output], left)
             for out in list(proc.output):
                 self._read_output(proc, out)
 
@@ -585,11 +603,24 @@ class Supervisor:
         return RanksTimeout(timeout, stacks)
 
 
+def _wait_for(sources: list[object], timeout: float | None) -> list[object]:
+    """``multiprocessing.connection.wait``, where an interrupt only wakes it up.
+
+    On Windows a SIGINT in the main thread makes it raise InterruptedError (POSIX retries
+    after the handler ran); our handler has noted the interrupt by then.
+    """
+    try:
+        return list(wait(sources, timeout))  # type: ignore[arg-type]
+    except InterruptedError:
+        return []
+
+
 def _make_sink() -> Sink:
     return _notebook.NotebookSink() if _notebook.in_ipykernel() else TerminalSink()
 
 
-_OUR_FILES = ("ranks/_worker.py", "ranks/_template.py", 'File "<string>"')
+_OUR_FILES = ("ranks/_worker.py", "ranks/_template.py", 'File "<string>"',
+              "ranks\\_worker.py")  # Windows paths
 
 
 def _user_frames(dump: str) -> str:

@@ -59,15 +59,15 @@ from ._protocol import (
 def main(argv: list[str]) -> None:
     """``argv``: the control socket's fd (or ``portable``), the parent's pid, the file for
     stack dumps."""
-    global _output_mark, _stacks_file
+    global _output_marks, _stacks_file
     parent_pid, stacks_path = int(argv[1]), argv[2]
     sys.argv = ["-c"]  # what user code sees: ours are not its arguments (as `python -c`)
     if argv[0] == "portable":
         # As on Windows: connected back over loopback; no pidfd, no watcher (_portable).
-        from ._portable import connect_back, output_mark
+        from ._portable import CALL_MARK, REPLY_MARK, connect_back, output_mark
 
         conn, token = connect_back()
-        _output_mark = output_mark(token)
+        _output_marks = (output_mark(token, REPLY_MARK), output_mark(token, CALL_MARK))
     else:
         control_fd = int(argv[0])
         parent_pidfd = watch_parent(parent_pid)
@@ -80,7 +80,7 @@ def main(argv: list[str]) -> None:
     # Appending: the kernel empties the file before each dump, and the dump must then start
     # at its beginning, not at the offset the last one ended at.
     _stacks_file = open(stacks_path, "a")  # noqa: SIM115 - lives as long as the process
-    if _output_mark is None:
+    if _output_marks is None:
         # SIGUSR1 dumps every thread's stack to a file the kernel reads on a timeout; the
         # dump happens in the signal handler, so it works while the main thread is stuck in
         # C code. (The portable start asks with DumpStacks, taken by the control thread.)
@@ -157,34 +157,52 @@ def _guard_descendants(parent_pidfd: int | None) -> None:
 
 
 def _line_buffer_c_stdio() -> None:
-    """Make C's stdout line-buffered: on a pipe it would hold output back until exit."""
-    if not sys.platform.startswith("linux"):
-        return
+    """Make C's stdout stream: on a pipe it would hold output back until exit.
+
+    Linux: line-buffered. Windows: unbuffered, as its C runtime has no line buffering
+    (_IOLBF means full buffering there); native code writes there seldom.
+    """
     try:
-        libc = ctypes.CDLL(None)
-        c_stdout = ctypes.c_void_p.in_dll(libc, "stdout")
-        line_buffered = 1  # _IOLBF
-        libc.setvbuf(c_stdout, None, line_buffered, 0)
+        if sys.platform.startswith("linux"):
+            libc = ctypes.CDLL(None)
+            c_stdout = ctypes.c_void_p.in_dll(libc, "stdout")
+            libc.setvbuf(c_stdout, None, 1, 0)  # _IOLBF
+        elif sys.platform == "win32":
+            ucrt = ctypes.CDLL("ucrtbase")
+            ucrt.__acrt_iob_func.restype = ctypes.c_void_p
+            ucrt.setvbuf(ctypes.c_void_p(ucrt.__acrt_iob_func(1)), None, 4, 0)  # _IONBF
     except (OSError, ValueError, AttributeError):
         pass
 
 
-def _flush_all() -> None:
+def _c_runtime() -> ctypes.CDLL | None:
+    """The C library whose stdio the rank's native code uses, or None."""
+    with contextlib.suppress(OSError):
+        if os.name == "posix":
+            return ctypes.CDLL(None)
+        if sys.platform == "win32":
+            return ctypes.CDLL("ucrtbase")
+    return None
+
+
+def _flush_all(marker: int = 0) -> None:
     """Flush Python's and C's stdio, before a reply: what the rank printed comes first.
 
     Where a thread relays the output (the portable start), also mark the place in both
-    streams, so the kernel can tell when the relay has caught up with the reply.
+    streams (``_output_marks[marker]``: 0 before a reply, 1 on taking a call), so the
+    kernel can tell how far the relay has come.
     """
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    if os.name == "posix":
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None).fflush(None)
-    if _output_mark is not None:
+    c_runtime = _c_runtime()
+    if c_runtime is not None:
+        with contextlib.suppress(AttributeError):
+            c_runtime.fflush(None)
+    if _output_marks is not None:
         for fd in (1, 2):
             with contextlib.suppress(OSError):
-                os.write(fd, _output_mark)
+                os.write(fd, _output_marks[marker])
 
 
 def _set_up_devices(init: Init) -> None:
@@ -289,6 +307,7 @@ def _serve(conn: Connection, commands: queue.Queue[_protocol.Message]) -> None:
         if isinstance(message, Close):
             return
         assert isinstance(message, Call), message
+        _flush_all(marker=1)  # what background threads wrote until now is not the call's
         reply = _execute(message, namespace)
         _flush_all()
         _send(conn, reply)
@@ -300,7 +319,7 @@ _in_user_code = False
 # the lock. Made by main(), not at import.
 _interrupt_taken: tuple[socket.socket, socket.socket]
 # Set by main() for the portable start only: see _flush_all.
-_output_mark: bytes | None = None
+_output_marks: tuple[bytes, bytes] | None = None
 _stacks_file: TextIO
 
 

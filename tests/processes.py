@@ -1,0 +1,45 @@
+"""Which processes belong to this test session: its ranks and templates, wherever they run
+(Windows ranks under Wine carry the marker too)."""
+
+from __future__ import annotations
+
+import os
+
+import psutil
+
+# Marks every process this session starts (kernels, templates and ranks inherit it), so the
+# leak check neither blames nor kills the ranks of another test session on the same machine.
+SESSION_VARIABLE = "RANKS_TEST_SESSION"
+SESSION = str(os.getpid())
+os.environ[SESSION_VARIABLE] = SESSION
+
+
+def _ours(proc: psutil.Process) -> bool:
+    try:
+        return proc.environ().get(SESSION_VARIABLE) == SESSION
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False  # gone, or a zombie: it holds nothing
+
+
+def rank_processes() -> list[psutil.Process]:
+    """Ranks (spawned, or forked from a template) and templates whose kernel is gone.
+
+    A template that belongs to a live process (this one, or a kernel) is expected to stay:
+    there is one per kernel, for the kernel's lifetime.
+    """
+    found = []
+    for proc in psutil.process_iter(["cmdline", "ppid"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if "ranks." not in cmdline or not _ours(proc):
+            continue
+        if "ranks._worker" in cmdline:
+            found.append(proc)
+        elif "ranks._template" in cmdline:
+            try:
+                parent_cmdline = " ".join(psutil.Process(proc.info["ppid"]).cmdline())
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                parent_cmdline = ""
+            # A fork of a template is a rank; a template re-parented to init is an orphan.
+            if "ranks._template" in parent_cmdline or proc.info["ppid"] == 1:
+                found.append(proc)
+    return found
