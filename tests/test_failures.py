@@ -19,7 +19,7 @@ from typing import Any
 import crashes
 import psutil
 import pytest
-from kernel import Kernel, needs_torch_in_kernel
+from kernel import Kernel
 
 import ranks
 from ranks._placement import plan_ranks, visible_gpus
@@ -103,8 +103,7 @@ def test_crash_table(where: str, how: str, tmp_path: Path) -> None:
 
 # The subset that runs in a real kernel: one of each HOW, each WHERE at least once.
 KERNEL_CASES = [
-    pytest.param(where, how, id=f"{where}-{how}",
-                 marks=[needs_torch_in_kernel] if where == "collective" else [])
+    pytest.param(where, how, id=f"{where}-{how}")
     for where, how in [
         ("run", "raise"), ("collective", "raise"), ("load", "sys.exit"), ("run", "os._exit"),
         ("dump", "segfault"), ("run", "sigkill"), ("run", "hang"), ("kernel", "raise"),

@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 from kernel import WINDOWS_KERNEL, Cell, Kernel, host_path
 
-from ranks._output import BURST_LINES, RATE_LINES
+from ranks._output import BURST_LINES, RATE_LINES, OutputRouter, TerminalSink
 
 
 def cell(kernel: Kernel, code: str, timeout: float = 60.0) -> Cell:
@@ -503,6 +503,17 @@ def test_output_picks_the_ranks_shown_and_the_rest_is_logged(nb: Kernel) -> None
     for rank in range(3):  # every call, shown or not, is in the rank's log
         assert logs[rank].count(f"out of {rank}\n") == len(expected)
         assert logs[rank].count(f"err of {rank}\n") == len(expected)
+
+
+def test_the_log_keeps_each_streams_lines_whole(tmp_path: Path) -> None:
+    """print() writes a line's text and its newline apart; the other stream's line written
+    in between must not land inside it in the rank's log. Unfinished lines are closed."""
+    router = OutputRouter(str(tmp_path), TerminalSink)
+    router.feed(0, "stdout", b"out of 0")
+    router.feed(0, "stderr", b"err of 0\r\n")
+    router.feed(0, "stdout", b"\r\nno newline")
+    router.close()
+    assert Path(router.log_path(0)).read_bytes() == b"err of 0\r\nout of 0\r\nno newline\n"
 
 
 # --- independent of ipykernel's own capture of fds 1 and 2 -------------------------------------

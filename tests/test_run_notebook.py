@@ -14,7 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from kernel import Cell, Kernel, needs_torch_in_kernel
+from kernel import Cell, Kernel
 
 
 def cell(kernel: Kernel, code: str, timeout: float = 60.0) -> Cell:
@@ -298,7 +298,6 @@ def destroyed_markers(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.timeout(60)
-@needs_torch_in_kernel
 def test_torch_dist_all_reduce_on_gloo(nb: Kernel, tmp_path: Path) -> None:
     cell(nb, WATCH_DESTROY + f"""
     def all_reduce_sum():
@@ -319,7 +318,6 @@ def test_torch_dist_all_reduce_on_gloo(nb: Kernel, tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-@needs_torch_in_kernel
 def test_tutorial_code_that_initialises_the_group_itself(nb: Kernel, tmp_path: Path) -> None:
     cell(nb, WATCH_DESTROY + f"""
     def tutorial():
@@ -339,7 +337,6 @@ def test_tutorial_code_that_initialises_the_group_itself(nb: Kernel, tmp_path: P
 
 
 @pytest.mark.timeout(90)
-@needs_torch_in_kernel
 def test_ddp_training_keeps_replicas_identical(nb: Kernel) -> None:
     cell(nb, """
         import torch

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from kernel import KERNEL_PIDS, WINDOWS_KERNEL, Cell, Kernel, needs_torch_in_kernel
+from kernel import KERNEL_PIDS, WINDOWS_KERNEL, Cell, Kernel
 from processes import rank_processes
 
 # A rank that answers SIGINT must be back within this many seconds of the interrupt; one
@@ -170,7 +170,6 @@ def test_context_manager_and_refused_arguments(nb: Kernel) -> None:
 
 
 @pytest.mark.timeout(90)
-@needs_torch_in_kernel
 def test_torch_dist_group_made_once_and_kept_across_calls(nb: Kernel) -> None:
     run(nb, """
         def all_reduce_rank():
@@ -421,7 +420,6 @@ def test_timeout_stops_the_cell_and_keeps_the_world(magic: Kernel) -> None:
 
 
 @pytest.mark.timeout(60)
-@needs_torch_in_kernel
 def test_torch_dist_magic_keeps_the_group(nb: Kernel) -> None:
     run(nb, "%ranks start -n 2 --torch-dist", timeout=60)
     try:

@@ -3,7 +3,8 @@
 Data flow for one rank's fd 1 or fd 2 (read by the supervisor in the calling thread, so
 ipykernel files it under the calling cell):
 
-    bytes --> log file (everything, always)
+    bytes --> log file (everything, always; line by line, so stdout and stderr never cut
+          |   each other's lines)
           --> decoder + line assembly --> complete line --> rate limit --> sink (shown)
                                       \\-> "\\r" redraw --> throttle --> sink progress
 
@@ -40,6 +41,7 @@ from collections.abc import Callable
 from typing import IO, Protocol
 
 TAIL_LINES = 30
+LOG_HOLD_BYTES = 1 << 20  # an unfinished line longer than this goes to the log as it is
 KEEP_LOG_DIRS = 20  # the logs of this many recent Worlds of a kernel stay on disk
 # Per rank: a burst of BURST_LINES, then RATE_LINES a second; enough for training logs,
 # well under what a browser (and Jupyter's IOPub rate limit) can take.
@@ -187,6 +189,10 @@ class OutputRouter:
         self._buckets: dict[int, _Bucket] = {}
         self._tails: dict[int, deque[str]] = {}
         self._logs: dict[int, IO[bytes]] = {}
+        # Per stream, the end of the last write that is not a whole line yet: a rank's log
+        # gets its two streams line by line, so one never cuts a line of the other (print
+        # writes a line's text and its newline apart).
+        self._unlogged: dict[tuple[int, str], bytes] = {}
 
     def log_path(self, rank: int) -> str:
         return os.path.join(self._log_dir, f"rank-{rank}.log")
@@ -209,7 +215,7 @@ class OutputRouter:
         self._sink = None
 
     def feed(self, rank: int, stream: str, data: bytes) -> None:
-        self._log(rank).write(data)
+        self._write_log(rank, stream, data)
         assembler = self._assemblers.get((rank, stream))
         if assembler is None:
             assembler = self._assemblers[(rank, stream)] = _Assembler(self.log_path(rank))
@@ -227,6 +233,9 @@ class OutputRouter:
             if owner == rank and (assembler.partial or assembler.redrawn):
                 redrawn = assembler.redrawn
                 self._line(rank, stream, assembler.rest(), redrawn)
+        for owner, stream in list(self._unlogged):
+            if owner == rank:  # closed in the log as on the screen
+                self._log(rank).write(self._unlogged.pop((owner, stream)) + b"\n")
         log = self._logs.get(rank)
         if log is not None:
             log.flush()
@@ -245,6 +254,8 @@ class OutputRouter:
             self._sink.flush()
 
     def close(self) -> None:
+        for rank in {rank for rank, _ in self._unlogged}:
+            self.finish(rank)
         for log in self._logs.values():
             log.close()
         self._logs.clear()
@@ -269,6 +280,15 @@ class OutputRouter:
                         f" {RATE_LINES:g} a second); full log: {self.log_path(rank)}")
         bucket.dropped = 0
         bucket.reported = now
+
+    def _write_log(self, rank: int, stream: str, data: bytes) -> None:
+        held = self._unlogged.pop((rank, stream), b"") + data
+        # Whole lines now; the rest when its newline comes (or once it is too long to hold).
+        end = len(held) if len(held) > LOG_HOLD_BYTES else held.rfind(b"\n") + 1
+        if end:
+            self._log(rank).write(held[:end])
+        if end < len(held):
+            self._unlogged[(rank, stream)] = held[end:]
 
     def _log(self, rank: int) -> IO[bytes]:
         log = self._logs.get(rank)

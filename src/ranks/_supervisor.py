@@ -180,7 +180,6 @@ class Supervisor:
         try:
             with self._interrupts_as_messages():
                 self._drain()  # no call is bound: what ranks wrote since the last, to the logs
-                self.router.begin_call(self._shown)
                 interrupted = self._close_ranks()
         except KeyboardInterrupt:  # where our handler could not be installed
             interrupted = True
@@ -208,8 +207,11 @@ class Supervisor:
         """Close, then escalate for ranks that do not exit; True if interrupted meanwhile."""
         live = [p for p in self._procs.values() if p.alive]
         for proc in live:
+            proc.calls += 1  # a rank marks its output on taking a Close as on taking a Call
             with contextlib.suppress(OSError):  # already gone: its sentinel says so below
                 _protocol.send(proc.conn, Close())
+        self._await_call_starts(live)
+        self.router.begin_call(self._shown)  # what the ranks print while closing is shown
         deadline: float | None = time.monotonic() + CLOSE_GRACE
         waiting = {p.spec.rank for p in live}
         interrupted = False

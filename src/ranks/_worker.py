@@ -304,10 +304,10 @@ def _serve(conn: Connection, commands: queue.Queue[_protocol.Message]) -> None:
     namespace = sys.modules["__main__"].__dict__
     while True:
         message = commands.get()
+        _flush_all(marker=1)  # what background threads wrote until now is not the call's
         if isinstance(message, Close):
             return
         assert isinstance(message, Call), message
-        _flush_all(marker=1)  # what background threads wrote until now is not the call's
         reply = _execute(message, namespace)
         _flush_all()
         _send(conn, reply)

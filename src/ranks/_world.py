@@ -369,6 +369,11 @@ def _rank_environments(
         # One host: Gloo's and NCCL's own sockets stay on loopback unless the user says.
         base.setdefault("GLOO_SOCKET_IFNAME", "lo")
         base.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    if sys.platform == "win32":
+        # torch's Windows builds have no libuv, yet their TCPStore asks for it by default:
+        # code that calls init_process_group() itself (env://) fails without this
+        # (pytorch/pytorch#139990).
+        base.setdefault("USE_LIBUV", "0")
     envs = {}
     for spec in specs:
         env = {**base, **shared}
