@@ -8,6 +8,8 @@ one launcher's imports and helper processes never help or hinder another's:
 
     ranks              ranks.run (default start: forked from the warm template)
     ranks (spawn)      ranks.run with RANKS_START_METHOD=spawn (a fresh interpreter per rank)
+    ranks (portable)   ranks.run with RANKS_START_METHOD=portable (Windows' and macOS's start:
+                       a fresh interpreter that connects back over loopback)
     notebook_launcher  accelerate.notebook_launcher (forks the kernel; n > 1 goes through
                        torch elastic with start_method="fork", n = 1 calls fn in the kernel)
     start_processes    torch.multiprocessing.start_processes(start_method="spawn")
@@ -129,6 +131,8 @@ LAUNCHERS = (
     Launcher("ranks", "ranks.run (template)", RANKS.format(start_method="")),
     Launcher("ranks-spawn", "ranks.run (RANKS_START_METHOD=spawn)",
              RANKS.format(start_method='os.environ["RANKS_START_METHOD"] = "spawn"')),
+    Launcher("ranks-portable", "ranks.run (RANKS_START_METHOD=portable)",
+             RANKS.format(start_method='os.environ["RANKS_START_METHOD"] = "portable"')),
     Launcher("accelerate", "accelerate notebook_launcher", ACCELERATE),
     Launcher("start_processes", "torch start_processes (spawn)", START_PROCESSES),
     Launcher("mp-spawn", "multiprocessing spawn Process", MP_SPAWN),

@@ -1,8 +1,9 @@
-"""Starting a rank with only what every system has: how ranks start on Windows.
+"""Starting a rank with only what every system has: how ranks start on Windows and macOS.
 
-The default start (``_template``, ``_spawn``) gives a rank its control socket and output
-pipes as inherited fds and stops it with POSIX signals. Windows passes no fds, signals no
-single process, and ``multiprocessing.connection.wait`` cannot wait on its pipes. Here:
+The default start on Linux (``_template``, ``_spawn``) gives a rank its control socket and
+output pipes as inherited fds, stops it with POSIX signals, and follows it with a pidfd and
+a watcher process. Windows passes no fds, signals no single process, and
+``multiprocessing.connection.wait`` cannot wait on its pipes. Here:
 
 * **Control channel.** The kernel listens on a loopback port of its own, one per rank, and
   writes the port and a random token to the rank's stdin. The rank connects back and sends
@@ -15,13 +16,16 @@ single process, and ``multiprocessing.connection.wait`` cannot wait on its pipes
   in a call's cell only from the call's marker on (:meth:`PortableRank.output_before_call`).
 * **Interrupt and stack dump.** Messages on the control channel: the rank's control thread
   raises SIGINT in its main thread, or writes every thread's stack with faulthandler.
-* **Process tree.** POSIX: a session of its own, signalled as a group, as by default.
-  Windows: a job object per rank (``_winjob``), which ends the rank with every process it
-  started, and which Windows kills when the kernel dies and its handle to the job closes.
+* **Process tree.** POSIX: a session of its own, signalled as a group. Windows: a job
+  object per rank (``_winjob``), which ends the rank with every process it started, and
+  which Windows kills when the kernel dies and its handle to the job closes.
+* **The kernel's death.** The rank's channel reaches end of file and its control thread
+  ends the tree (on Windows the job does it as well). The process sentinel is a thread
+  waiting on the process (a process handle on Windows); no watcher process is forked.
 
-``RANKS_START_METHOD=portable`` takes this path on Linux and macOS too: that is how the test
-suite covers it where it runs. There the process sentinel is the waiting thread macOS uses
-and no watcher process is forked, as on Windows.
+macOS takes this start too, although spawn would work there: it is the one that runs in the
+test suite, where ``RANKS_START_METHOD=portable`` takes it on Linux, and on Windows CPython
+under Wine (tests/kernel.py, scripts/windows-python.sh).
 """
 
 from __future__ import annotations

@@ -19,11 +19,14 @@ exit. It dies with the kernel (a pidfd on the kernel, else the parent-death sign
 EOF on its socket). Linux only. ``start_method`` picks how ranks start:
 
     template   Linux's default: forked from the template
-    spawn      macOS's default, and Linux's fallback: a fresh interpreter (``_spawn``)
-    portable   Windows' only way: a fresh interpreter connected back over loopback
-               (``_portable``)
+    spawn      Linux's fallback: a fresh interpreter given its fds (``_spawn``)
+    portable   the default elsewhere (Windows, macOS): a fresh interpreter connected back
+               over loopback (``_portable``)
 
-``RANKS_START_METHOD`` chooses another where the system allows it (portable: all of them).
+``RANKS_START_METHOD`` chooses another where the system allows it (portable: all of them;
+spawn: POSIX). macOS takes the portable start although spawn would work there: spawn
+without Linux's pidfd and watcher process runs nowhere in the test suite, while the
+portable start runs in it on Linux and on Windows.
 A preload that would initialise CUDA or start a thread is dropped, logged, and the
 template restarted without it: fork is only safe from a single-threaded, CUDA-free process.
 """
@@ -79,7 +82,7 @@ _BOOT = (
 
 def start_method() -> str:
     """``"template"``, ``"spawn"`` or ``"portable"``: see the module's docstring."""
-    default = "template" if _can_fork() else "spawn" if os.name == "posix" else "portable"
+    default = "template" if _can_fork() else "portable"
     chosen = os.environ.get(START_METHOD_VARIABLE, "").strip().lower()
     if chosen == "portable" or (chosen == "spawn" and os.name == "posix"):
         return chosen
