@@ -12,12 +12,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import wait
 from pathlib import Path
 
+import psutil
 import pytest
 
 import ranks
@@ -82,19 +84,27 @@ def test_relay_holds_a_possible_marker_start_only_until_the_end() -> None:
 
 
 @pytest.mark.timeout(60)
-def test_a_read_ends_at_a_call_marker() -> None:
-    """Output before a call marker (written between calls) comes apart from what follows
-    (the call's): the kernel binds output to the call's cell between the two reads."""
+@pytest.mark.parametrize("held", [True, False])
+def test_a_read_ends_at_a_call_marker_only_when_asked(held: bool) -> None:
+    """Held at the call (the kernel is about to bind output to the call's cell), a read
+    returns what was written between calls, and the call's output with the next read.
+    Not held, nothing stays behind in the stream where waiting on its socket misses it."""
     read_end, write_end = os.pipe()
     stream = RelayedOutput(os.fdopen(read_end, "rb", buffering=0), "stdout", TOKEN)
+    stream.hold_at_call = held
     os.write(write_end, b"between calls\n" + CALL + b"the call's\n" + MARK)
-    os.close(write_end)
     wait([stream.waitable], 10)  # type: ignore[list-item]
     time.sleep(0.1)  # all of it in the socket: one receive takes it
-    assert stream.read(1 << 16) == b"between calls\n"
-    assert (stream.calls, stream.replies) == (1, 0)
-    assert read_to_end(stream) == b"the call's\n"
+    if held:
+        assert stream.read(1 << 16) == b"between calls\n"
+        assert (stream.calls, stream.replies, stream.hold_at_call) == (1, 0, False)
+        assert stream.read(1 << 16) == b"the call's\n"
+    else:
+        assert stream.read(1 << 16) == b"between calls\nthe call's\n"
     assert (stream.calls, stream.replies) == (1, 1)
+    assert stream.read(1 << 16) is None  # nothing left behind
+    os.close(write_end)
+    assert read_to_end(stream) == b""
     stream.settle(5)
     stream.close()
 
@@ -152,3 +162,43 @@ def test_a_rank_that_dies_before_connecting_back_is_a_crash_with_its_last_words(
     message = str(raised.value)
     assert "exited with code 1" in message and "while starting" in message, message
     assert "Fatal Python error" in message, message  # its stderr, relayed to the end
+
+
+ORPHAN_SCRIPT = """
+import os, sys, ranks
+
+def work():
+    return os.getpid()
+
+# Rank 1 sleeps in its sitecustomize before it connects back, so rank 0 waits in
+# torch.distributed's rendezvous, before Ready, where no thread reads its channel.
+ranks.run(work, n=2, torch_dist=True, env={"PYTHONPATH": sys.argv[1]})
+"""
+
+
+@pytest.mark.timeout(60)
+def test_ranks_starting_when_the_kernel_dies_end_too(tmp_path: Path) -> None:
+    """POSIX, portable start (as on macOS): the kernel killed while a rank waits in the
+    rendezvous and the other has not connected yet: both end within seconds."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('RANK') == '1':\n    time.sleep(3)\n")
+    script = tmp_path / "kernel.py"
+    script.write_text(ORPHAN_SCRIPT)
+    env = {**os.environ, "RANKS_START_METHOD": "portable"}
+    kernel = subprocess.Popen([sys.executable, str(script), str(tmp_path)], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        ranks_seen: list[psutil.Process] = []
+        while len(ranks_seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            ranks_seen = [p for p in psutil.Process(kernel.pid).children()
+                          if "ranks._worker" in " ".join(p.cmdline())]
+        assert len(ranks_seen) == 2, ranks_seen
+        time.sleep(1.0)  # rank 0 is in the rendezvous by now
+        kernel.kill()
+        kernel.wait()
+        _, alive = psutil.wait_procs(ranks_seen, timeout=10)
+        assert alive == [], alive
+    finally:
+        kernel.kill()
+        kernel.wait()

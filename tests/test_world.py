@@ -521,6 +521,24 @@ def _prepare(kernel: Kernel) -> None:
     run(kernel, "%%ranks\nimport signal, time\nkept = 'state'")
 
 
+@pytest.mark.timeout(60)
+def test_an_interrupt_without_a_signal_stops_the_call(nb: Kernel) -> None:
+    """ipykernel on Windows interrupts by _thread.interrupt_main(), which wakes no wait:
+    the call still ends with KeyboardInterrupt in about a second, and the World is usable."""
+    run(nb, "iw = ranks.World(n=2)")
+    try:
+        cell = fails(nb, """
+            import _thread, threading
+            threading.Timer(1.0, _thread.interrupt_main).start()
+            iw.exec("import time; time.sleep(30)")
+        """)
+        assert cell.error["ename"] == "KeyboardInterrupt", cell.traceback
+        assert cell.seconds < 1 + RESPONSIVE_WITHIN + 0.5, cell.seconds
+        assert nb.value("iw.run(lambda: 1)") == [1, 1]
+    finally:
+        run(nb, "iw.close()")
+
+
 @pytest.mark.timeout(90)
 def test_interrupt_stops_the_ranks_code_and_keeps_their_state(fresh_kernel: Kernel) -> None:
     _prepare(fresh_kernel)

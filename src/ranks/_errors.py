@@ -85,6 +85,8 @@ class RankCrashed(RanksError):
             how += hint
         elif self.exitcode is None:
             how = "ended with an unknown status"
+        elif self.exitcode == ENDED_BY_RANKS:
+            how = "was ended by ranks (on Windows: its job object, its whole process tree)"
         elif self.exitcode in _WINDOWS_CRASHES:
             how = f"crashed with {self.exitcode:#x}, {_WINDOWS_CRASHES[self.exitcode]}"
         else:
@@ -103,6 +105,8 @@ class RankCrashed(RanksError):
         )
 
 
+# The exit code of a Windows rank that ranks ended (its job object terminated): "RANK".
+ENDED_BY_RANKS = 0x52414E4B
 # Windows ends a crashed process with an NTSTATUS code as its exit code (no signals there).
 _WINDOWS_CRASHES = {
     0xC0000005: "an access violation (a crash in native code: an extension, a driver, or a"

@@ -72,14 +72,16 @@ class RelayedOutput:
 
     The copy is verbatim; :meth:`read`, in the supervisor's thread, takes the markers out
     and counts them, so a marker is seen exactly when the output before it has been read.
-    A read ends at a call marker: what comes before it was written between calls (for the
-    logs only), what comes after belongs to the call (``Supervisor._await_call_starts``).
+    While :attr:`hold_at_call` is set, a read ends at a call marker: what comes before it
+    was written between calls (for the logs only), what comes after belongs to the call
+    (``Supervisor._await_call_starts``, which sets it and then reads the rest as the call's).
     """
 
     def __init__(self, pipe: IO[bytes], name: str, token: str) -> None:
         self.name = name
         self.replies = 0  # reply markers read so far
         self.calls = 0  # call markers read so far
+        self.hold_at_call = False
         self._reply_mark = output_mark(token, REPLY_MARK)
         self._call_mark = output_mark(token, CALL_MARK)
         self._pending = b""  # received, not yet returned: what follows a call marker
@@ -110,10 +112,23 @@ class RelayedOutput:
             # (The two markers differ only in their last byte.)
             cut = len(data) - _partial_mark(data, self._reply_mark)
             self._pending, self._held = data[:cut], data[cut:]
-        before, call_mark, self._pending = self._pending.partition(self._call_mark)
-        self.calls += bool(call_mark)
-        self.replies += before.count(self._reply_mark)
-        return before.replace(self._reply_mark, b"") or None  # None: only markers so far
+        if self.hold_at_call:
+            data, call_mark, self._pending = self._pending.partition(self._call_mark)
+            if call_mark:
+                self.calls += 1
+                self.hold_at_call = False  # the rest is the call's: read as usual
+        else:
+            data, self._pending = self._pending, b""
+            self.calls += data.count(self._call_mark)
+            data = data.replace(self._call_mark, b"")
+        self.replies += data.count(self._reply_mark)
+        return data.replace(self._reply_mark, b"") or None  # None: only markers so far
+
+    def assume_marks(self, replies: int, calls: int) -> None:
+        """Markers that did not come in time count as read: the rank could not write them
+        (user code closed or redirected its fd), and must not cost every later call a wait."""
+        self.replies = max(self.replies, replies)
+        self.calls = max(self.calls, calls)
 
     def close(self) -> None:
         self._ours.close()
@@ -162,7 +177,15 @@ class PortableRank(RankProcess):
         return any(stream.replies < self.answers for stream in self._relayed())
 
     def output_before_call(self) -> list[OutputStream]:
-        return [stream for stream in self._relayed() if stream.calls < self.calls]
+        behind = [stream for stream in self._relayed() if stream.calls < self.calls]
+        for stream in behind:
+            stream.hold_at_call = True
+        return list(behind)
+
+    def output_lost(self) -> None:
+        for stream in self._relayed():
+            stream.hold_at_call = False
+            stream.assume_marks(self.answers, self.calls)
 
     def _relayed(self) -> list[RelayedOutput]:
         return [stream for stream in self.output if isinstance(stream, RelayedOutput)]
@@ -199,19 +222,29 @@ class PortableStart:
     ) -> None:
         self.spec = spec
         self._stacks_path = stacks_path
-        self._listener = _loopback_listener()
         self._token = secrets.token_hex(16)
+        self._job: Any = None
+        self._output: list[OutputStream] = []
+        self._listener = _loopback_listener()
+        executable, env = _interpreter(env)
         try:
             boot = BOOT.format(parent=PACKAGE_PARENT)
             self._popen = subprocess.Popen(
-                [sys.executable, "-c", boot, "portable", str(os.getpid()), stacks_path],
+                [executable, "-c", boot, "portable", str(os.getpid()), stacks_path],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=dict(env), cwd=cwd, **_own_process_tree(),
+                env=env, cwd=cwd, **_own_process_tree(),
             )
         except BaseException:
             self._listener.close()
             raise
-        self._job: Any = None
+        try:
+            self._started()
+        except BaseException:
+            self.kill()
+            raise
+
+    def _started(self) -> None:
+        """Put the new process in its job, hand it the port and token, relay its output."""
         if sys.platform == "win32":  # spelled out: mypy skips it elsewhere, as it must
             from ._winjob import Job
 
@@ -223,10 +256,8 @@ class PortableStart:
             self._popen.stdin.write(f"{port} {self._token}\n".encode())
         with contextlib.suppress(OSError):
             self._popen.stdin.close()
-        self._output: list[OutputStream] = [
-            RelayedOutput(self._popen.stdout, "stdout", self._token),
-            RelayedOutput(self._popen.stderr, "stderr", self._token),
-        ]
+        for pipe, name in ((self._popen.stdout, "stdout"), (self._popen.stderr, "stderr")):
+            self._output.append(RelayedOutput(pipe, name, self._token))
 
     def connect(self, deadline: float | None) -> PortableRank:
         """Wait for the rank to connect back. TimeoutError once ``deadline`` passes; a rank
@@ -250,14 +281,23 @@ class PortableStart:
 
     def kill(self) -> None:
         """End a rank that will not be connected (a launch that failed or ran out of time)."""
+        self._listener.close()
         if self._job is not None:
             self._job.close()
+        elif WINDOWS:
+            self._popen.kill()  # not in a job: creating it failed
         else:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self._popen.pid, KILL)
         self._popen.wait()
         for stream in self._output:
             stream.close()
+        # The pipes no relay took over (a relay closes its own).
+        pipes = [self._popen.stdin, self._popen.stdout, self._popen.stderr]
+        for pipe in [pipes[0], *pipes[1 + len(self._output):]]:
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
     def _accept(self, deadline: float | None) -> Connection:
         while True:
@@ -272,7 +312,7 @@ class PortableStart:
                 peer, _ = self._listener.accept()
             except TimeoutError:
                 continue
-            if _presents_token(peer, self._token):
+            if _presents_token(peer, self._token, deadline):
                 peer.setblocking(True)
                 return Connection(peer.detach())
             peer.close()  # not our rank: someone else on this machine
@@ -292,10 +332,11 @@ def _loopback_listener() -> socket.socket:
     return listener
 
 
-def _presents_token(peer: socket.socket, token: str) -> bool:
+def _presents_token(peer: socket.socket, token: str, deadline: float | None) -> bool:
     expected = token.encode() + b"\n"
     received = b""
-    peer.settimeout(TOKEN_WAIT)
+    wait = TOKEN_WAIT if deadline is None else min(TOKEN_WAIT, deadline - time.monotonic())
+    peer.settimeout(max(wait, 0.001))
     with contextlib.suppress(OSError):
         while len(received) < len(expected) and b"\n" not in received:
             chunk = peer.recv(len(expected) - len(received))
@@ -310,6 +351,21 @@ def _dead_connection() -> Connection:
     ours, theirs = socket.socketpair()
     theirs.close()
     return Connection(ours.detach())
+
+
+def _interpreter(env: Mapping[str, str]) -> tuple[str, dict[str, str]]:
+    """The interpreter a rank runs, and its environment.
+
+    In a venv on Windows, python.exe only starts the base interpreter as its child, which
+    could start before the rank's job exists and escape it: start the base interpreter,
+    told it is the venv's, as multiprocessing does (bpo-35797).
+    """
+    executable, env = sys.executable, dict(env)
+    base = getattr(sys, "_base_executable", executable)
+    if WINDOWS and os.path.normcase(base) != os.path.normcase(executable):
+        env["__PYVENV_LAUNCHER__"] = executable
+        executable = base
+    return executable, env
 
 
 def _own_process_tree() -> dict[str, Any]:

@@ -147,9 +147,14 @@ class RankProcess:
 
     def output_before_call(self) -> list[OutputStream]:
         """The streams whose output from before the rank took its last call the kernel has
-        not read yet. None with pipes the kernel reads itself: whatever is unread when the
-        call is sent was written before it, and is read as the call's."""
+        not read yet (reads of them stop at the call's start until :meth:`output_lost` or
+        the start is read). None with pipes the kernel reads itself: whatever is unread
+        when the call is sent was written before it, and is read as the call's."""
         return []
+
+    def output_lost(self) -> None:
+        """Stop waiting for what :meth:`output_behind` and :meth:`output_before_call` wait
+        for: it did not come in time, and later calls must not wait for it again."""
 
     def _signal_rank(self, signum: int) -> None:
         if self.returncode is None:

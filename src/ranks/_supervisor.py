@@ -2,7 +2,9 @@
 
 Every wait is one ``multiprocessing.connection.wait`` over all of the ranks' control
 channels, output pipes and process sentinels together, so a reply, a line of output and a
-death wake the kernel alike and nothing sleeps in a poll loop. It runs in the thread that
+death wake the kernel alike. It also returns every INTERRUPT_POLL seconds: an interrupt
+that comes without a signal (ipykernel on Windows calls ``_thread.interrupt_main()``)
+wakes no wait. It runs in the thread that
 made the call, which is why ipykernel files the ranks' output under the calling cell.
 
 Stopping a rank escalates, each step after a short grace and only if the rank is still
@@ -62,8 +64,10 @@ TERMINATE_GRACE = 1.0
 KILL_GRACE = 5.0
 CLOSE_GRACE = 10.0  # a clean Close destroys process groups and flushes; give it time
 STACK_DUMP_WAIT = 0.3
-# How long a reply waits for the output written before it, where a thread relays that
-# output (see _catch_up_output); only a rank that closed its own fd 1 or 2 ever waits it out.
+INTERRUPT_POLL = 0.25
+# How long a reply (or a call's start) waits for the output written before it, where a
+# thread relays that output (see _catch_up_output). A rank whose user code closed or
+# redirected its fd 1 or 2 waits it out once; the marks are then taken as read.
 OUTPUT_CATCH_UP = 1.0
 # A death is seen late: a dying rank's sockets close at once, so a peer blocked in a
 # collective with it raises (Gloo: "Connection closed by peer") and reports, often before
@@ -212,6 +216,7 @@ class Supervisor:
                 _protocol.send(proc.conn, Close())
         self._await_call_starts(live)
         self.router.begin_call(self._shown)  # what the ranks print while closing is shown
+        self._drain()
         deadline: float | None = time.monotonic() + CLOSE_GRACE
         waiting = {p.spec.rank for p in live}
         interrupted = False
@@ -279,7 +284,11 @@ class Supervisor:
             # A rank that died since the World last looked: its sentinel reports how.
             with contextlib.suppress(OSError):
                 _protocol.send(self._procs[rank].conn, Call(call_id, kind, payload, dict(cells)))
-        self._await_call_starts([self._procs[rank] for rank in payloads])
+        try:
+            with self._interrupts_as_messages():
+                self._await_call_starts([self._procs[rank] for rank in payloads])
+        except KeyboardInterrupt:  # the call is running: _wait stops it as it should
+            self._interrupts_seen += 1
         self.router.begin_call(shown)
         try:
             self._drain()  # what the ranks wrote since taking the call: the call's
@@ -379,7 +388,7 @@ class Supervisor:
         due = self.router.due()  # a progress display that held back a redraw
         if due is not None:
             wake.append(due)
-        timeout = max(0.0, min(wake) - now) if wake else None
+        timeout = min(max(0.0, min(wake) - now), INTERRUPT_POLL) if wake else INTERRUPT_POLL
         sources: dict[object, tuple[str, RankProcess | None, OutputStream | None]] = {
             self._interrupt_pipe[0]: ("interrupt", None, None),
         }
@@ -494,7 +503,13 @@ class Supervisor:
         limit = time.monotonic() + OUTPUT_CATCH_UP
         while True:
             behind = [(proc, out) for proc in procs for out in proc.output_before_call()]
-            if not behind or (left := limit - time.monotonic()) <= 0:
+            if not behind:
+                return
+            if (left := limit - time.monotonic()) <= 0:
+                for proc in {proc for proc, _ in behind}:
+                    log.info("rank %d: the start of the call is not in its output after %g s",
+                             proc.spec.rank, OUTPUT_CATCH_UP)
+                    proc.output_lost()
                 return
             _wait_for([out.waitable for _, out in behind], left)
             for proc, out in behind:
@@ -508,7 +523,12 @@ class Supervisor:
         """
         proc.answers += 1
         limit = time.monotonic() + OUTPUT_CATCH_UP
-        while proc.output_behind() and (left := limit - time.monotonic()) > 0:
+        while proc.output_behind():
+            if (left := limit - time.monotonic()) <= 0:
+                log.info("rank %d: its output before the reply did not come in %g s",
+                         proc.spec.rank, OUTPUT_CATCH_UP)
+                proc.output_lost()
+                return
             _wait_for([out.waitable for out in proc.output], left)
             for out in list(proc.output):
                 self._read_output(proc, out)
@@ -597,7 +617,9 @@ class Supervisor:
         """Ask each running rank for its Python stack (faulthandler), then build the error."""
         for rank in pending:
             self._procs[rank].request_stacks()
-        time.sleep(STACK_DUMP_WAIT)  # the dump is written inside the signal handler
+        # The dump is written inside the rank's signal handler (or, on the portable start,
+        # by its control thread, which exists only once the rank is Ready).
+        time.sleep(STACK_DUMP_WAIT)
         stacks = {}
         for rank in pending:
             with open(self._procs[rank].stacks_path, errors="replace") as dump:
@@ -630,8 +652,8 @@ def _user_frames(dump: str) -> str:
     threads = [block for block in dump.strip().split("\n\n") if block]
     kept = []
     for block in threads:
-        if "_read_commands" in block:
-            continue  # the rank's control-channel reader, never the user's
+        if "_read_commands" in block or "_follow_parent" in block:
+            continue  # the rank's control-channel reader or lifeline, never the user's
         lines = [
             line for line in block.splitlines()
             if not any(ours in line for ours in _OUR_FILES)

@@ -381,9 +381,9 @@ def launch_ranks(
     deadline: float | None,
     launched: Callable[[RankProcess], None],
 ) -> None:
-    """Start ranks (spec, env, cwd, stacks_path) the fastest safe way: forked from the
-    template, else spawned; hand each to ``launched`` as soon as it runs. TimeoutError when
-    ``deadline`` passes first."""
+    """Start ranks (spec, env, cwd, stacks_path) the fastest safe way ``start_method``
+    allows: forked from the template, else spawned, or the portable start; hand each to
+    ``launched`` as soon as it runs. TimeoutError when ``deadline`` passes first."""
     if start_method() == "portable":
         _launch_portable(requests, deadline, launched)
         return
@@ -432,12 +432,12 @@ def _launch_portable(
         raise
     for index, start in enumerate(starts):
         try:
-            rank = start.connect(deadline)  # ends its own rank when it fails
+            # connect() ends its own rank when it fails; the caller those it was given.
+            launched(start.connect(deadline))
         except BaseException:
             for later in starts[index + 1:]:
                 later.kill()
             raise
-        launched(rank)
 
 
 def _forget_or_give_up(unsafe: TemplateUnsafe) -> None:

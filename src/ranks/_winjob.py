@@ -17,11 +17,12 @@ import subprocess
 import sys
 from ctypes import wintypes
 
+from ._errors import ENDED_BY_RANKS
+
 assert sys.platform == "win32"
 
 _KILL_ON_JOB_CLOSE = 0x2000  # JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
 _EXTENDED_LIMIT_INFORMATION = 9  # JobObjectExtendedLimitInformation
-_KILLED_EXIT_CODE = 1
 
 
 class _IoCounters(ctypes.Structure):
@@ -95,7 +96,8 @@ class Job:
     @classmethod
     def for_process(cls, popen: subprocess.Popen[bytes]) -> Job:
         """A job holding ``popen``'s process. The rank starts processes of its own only
-        after the kernel's Init, so none escapes the job by starting before it."""
+        after the kernel's Init, so none escapes the job by starting before it (as long as
+        ``popen`` is the interpreter itself: see ``_portable._interpreter`` for venvs)."""
         job = cls()
         try:
             _check(_kernel32.AssignProcessToJobObject(job._handle, int(popen._handle)),
@@ -110,7 +112,7 @@ class Job:
     def kill(self) -> None:
         """End every process in the job now; the job stays usable (and empty)."""
         if self._handle is not None:
-            _kernel32.TerminateJobObject(self._handle, _KILLED_EXIT_CODE)
+            _kernel32.TerminateJobObject(self._handle, ENDED_BY_RANKS)
 
     def close(self) -> None:
         """Let go of the job: Windows ends every process still in it."""

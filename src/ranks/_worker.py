@@ -14,8 +14,13 @@ when the channel closes because the kernel died, kills the rank's whole process 
 (DataLoader workers included). Independent of both threads, a watcher process forked first
 kills the group when the rank's parent dies (``_lifeline``) or the rank itself dies.
 
-fds 1 and 2 are pipes to the kernel, set up by the launcher; Python's and C's stdio are
-line-buffered here so output streams live.
+On the portable start (Windows, macOS; see ``_portable``) the rank connects back instead of
+inheriting its channel, the control thread also takes Interrupt (raising SIGINT in the
+main thread) and DumpStacks, and there is no watcher process: a thread follows the kernel
+on POSIX, the rank's job object on Windows.
+
+fds 1 and 2 are pipes to the kernel, set up by the launcher; C's stdout is line-buffered
+here (unbuffered on Windows) so output streams live.
 """
 
 from __future__ import annotations
@@ -68,6 +73,9 @@ def main(argv: list[str]) -> None:
 
         conn, token = connect_back()
         _output_marks = (output_mark(token, REPLY_MARK), output_mark(token, CALL_MARK))
+        if os.name == "posix":
+            threading.Thread(target=_follow_parent, args=(parent_pid,), daemon=True,
+                             name="ranks-lifeline").start()
     else:
         control_fd = int(argv[0])
         parent_pidfd = watch_parent(parent_pid)
@@ -267,6 +275,18 @@ def _read_commands(conn: Connection, commands: queue.Queue[_protocol.Message]) -
         commands.put(message)
         if isinstance(message, Close):
             return
+
+
+def _follow_parent(parent_pid: int) -> None:
+    """The portable start on POSIX (macOS: no pidfd, no watcher process): end the rank's
+    tree once the kernel is gone, also before Ready and after Close, when no thread reads
+    the channel. (Windows: the rank's job object does it.)"""
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_POLL)
+    _end_with_kernel()
+
+
+PARENT_POLL = 0.25
 
 
 def _end_with_kernel() -> NoReturn:

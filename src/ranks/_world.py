@@ -270,6 +270,9 @@ class World:
         return error
 
 
+MAX_RANKS_WAITED = 15  # Windows before Python 3.13: see _check_world
+
+
 def _check_world(
     n: int | None, gpus: Sequence[int] | None, torch_dist: bool,
     env: Mapping[str, str] | None, backend: str,
@@ -279,7 +282,13 @@ def _check_world(
     if not isinstance(torch_dist, bool):
         raise TypeError(f"torch_dist must be True or False, not {torch_dist!r}")
     extra = _check_env(env)
-    return plan_ranks(n, gpus, visible_gpus()), extra
+    specs = plan_ranks(n, gpus, visible_gpus())
+    if sys.platform == "win32" and sys.version_info < (3, 13) and len(specs) > MAX_RANKS_WAITED:
+        # Each rank is four objects to wait on, and before 3.13 multiprocessing's wait()
+        # hands them to one WaitForMultipleObjects call, which takes at most 63.
+        raise RanksError(f"{len(specs)} ranks on Windows need Python 3.13 or newer; this"
+                         f" Python waits on at most {MAX_RANKS_WAITED} ranks")
+    return specs, extra
 
 
 def _check_env(env: Mapping[str, str] | None) -> dict[str, str]:
