@@ -83,6 +83,8 @@ wine reg add 'HKLM\Software\Microsoft\Windows NT\CurrentVersion\AeDebug' /v Debu
   /t REG_SZ /d '' /f </dev/null 2>&1 | cat >/dev/null
 
 echo "==> checking it runs"
+# Through a pipe: Wine cannot give a Windows program a regular file or /dev/null as its
+# stdout ("init_sys_streams: Invalid handle"), and CI may send ours to a file.
 KMP_AFFINITY=disabled wine "$python_dir/python.exe" -c \
   "import sys, ranks, ipykernel, torch; print('Windows', sys.version.split()[0], sys.platform,
-  'torch', torch.__version__, 'ok')" </dev/null
+  'torch', torch.__version__, 'ok')" </dev/null 2>&1 | cat
