@@ -284,11 +284,13 @@ class Supervisor:
             # A rank that died since the World last looked: its sentinel reports how.
             with contextlib.suppress(OSError):
                 _protocol.send(self._procs[rank].conn, Call(call_id, kind, payload, dict(cells)))
-        try:
-            with self._interrupts_as_messages():
-                self._await_call_starts([self._procs[rank] for rank in payloads])
-        except KeyboardInterrupt:  # the call is running: _wait stops it as it should
-            self._interrupts_seen += 1
+        called = [self._procs[rank] for rank in payloads]
+        if any(proc.output_before_call() for proc in called):  # only a portable rank's
+            try:
+                with self._interrupts_as_messages():
+                    self._await_call_starts(called)
+            except KeyboardInterrupt:  # the call is running: _wait stops it as it should
+                self._interrupts_seen += 1
         self.router.begin_call(shown)
         try:
             self._drain()  # what the ranks wrote since taking the call: the call's
@@ -643,8 +645,7 @@ def _make_sink() -> Sink:
     return _notebook.NotebookSink() if _notebook.in_ipykernel() else TerminalSink()
 
 
-_OUR_FILES = ("ranks/_worker.py", "ranks/_template.py", 'File "<string>"',
-              "ranks\\_worker.py")  # Windows paths
+_OUR_FILES = ("ranks/_worker.py", "ranks/_template.py", 'File "<string>"')
 
 
 def _user_frames(dump: str) -> str:
@@ -655,8 +656,8 @@ def _user_frames(dump: str) -> str:
         if "_read_commands" in block or "_follow_parent" in block:
             continue  # the rank's control-channel reader or lifeline, never the user's
         lines = [
-            line for line in block.splitlines()
-            if not any(ours in line for ours in _OUR_FILES)
+            line for line in block.splitlines()  # Windows paths compared with "/" too
+            if not any(ours in line.replace("\\", "/") for ours in _OUR_FILES)
         ]
         kept.append("\n".join(lines))
     return "\n\n".join(kept)

@@ -29,6 +29,7 @@ import builtins
 import contextlib
 import ctypes
 import faulthandler
+import functools
 import linecache
 import os
 import queue
@@ -170,21 +171,25 @@ def _line_buffer_c_stdio() -> None:
     Linux: line-buffered. Windows: unbuffered, as its C runtime has no line buffering
     (_IOLBF means full buffering there); native code writes there seldom.
     """
+    c_runtime = _c_runtime()
     try:
+        if c_runtime is None:
+            return
         if sys.platform.startswith("linux"):
-            libc = ctypes.CDLL(None)
-            c_stdout = ctypes.c_void_p.in_dll(libc, "stdout")
-            libc.setvbuf(c_stdout, None, 1, 0)  # _IOLBF
+            c_stdout = ctypes.c_void_p.in_dll(c_runtime, "stdout")
+            c_runtime.setvbuf(c_stdout, None, 1, 0)  # _IOLBF
         elif sys.platform == "win32":
-            ucrt = ctypes.CDLL("ucrtbase")
-            ucrt.__acrt_iob_func.restype = ctypes.c_void_p
-            ucrt.setvbuf(ctypes.c_void_p(ucrt.__acrt_iob_func(1)), None, 4, 0)  # _IONBF
+            c_runtime.__acrt_iob_func.restype = ctypes.c_void_p
+            c_stdout = ctypes.c_void_p(c_runtime.__acrt_iob_func(1))
+            c_runtime.setvbuf(c_stdout, None, 4, 0)  # _IONBF
     except (OSError, ValueError, AttributeError):
         pass
 
 
+@functools.cache
 def _c_runtime() -> ctypes.CDLL | None:
-    """The C library whose stdio the rank's native code uses, or None."""
+    """The C library whose stdio the rank's native code uses, or None. Loaded once: it is
+    flushed before every reply."""
     with contextlib.suppress(OSError):
         if os.name == "posix":
             return ctypes.CDLL(None)
@@ -324,7 +329,8 @@ def _serve(conn: Connection, commands: queue.Queue[_protocol.Message]) -> None:
     namespace = sys.modules["__main__"].__dict__
     while True:
         message = commands.get()
-        _flush_all(marker=1)  # what background threads wrote until now is not the call's
+        if _output_marks is not None:  # the portable start: mark where the call begins
+            _flush_all(marker=1)  # what background threads wrote until now is not its
         if isinstance(message, Close):
             return
         assert isinstance(message, Call), message
