@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 
 class CallKind(enum.Enum):
     RUN = "run"  # payload: cloudpickled (fn, args, kwargs); result: fn's return value
-    EXEC = "exec"  # payload: (source, filename); result: None
+    EXEC = "exec"  # payload: (source, filename, names from the notebook); result: None
     PUSH = "push"  # payload: cloudpickled {name: value}; result: None
     PULL = "pull"  # payload: the name; result: the value
 

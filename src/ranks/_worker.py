@@ -46,7 +46,7 @@ from multiprocessing.connection import Connection, wait
 from types import TracebackType
 from typing import Any, NoReturn, TextIO
 
-from . import _context, _protocol, _serialize
+from . import _context, _namespace, _protocol, _serialize
 from ._lifeline import die_with_parent, watch_parent
 from ._protocol import (
     Call,
@@ -383,8 +383,9 @@ def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
             elif call.kind is CallKind.PUSH:
                 values = _serialize.loads(call.payload)
             elif call.kind is CallKind.EXEC:
-                source, filename = _serialize.loads(call.payload)
+                source, filename, taken = _serialize.loads(call.payload)
                 code = compile(source, filename, "exec")
+                _namespace.bind(taken, namespace, _context.current().rank)
     except BaseException as error:
         return _failure(call.call_id, error, "loading what the kernel sent", skip=0)
 

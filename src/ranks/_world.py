@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from . import _notebook, _serialize
+from . import _namespace, _notebook, _serialize
 from ._errors import RanksError, WorldBroken, add_note
 from ._placement import RankSpec, gpu_memory_by_pid, plan_ranks, visible_gpus
 from ._protocol import CallKind, Done, Init
@@ -138,7 +138,18 @@ class World:
 
     def exec(self, source: str, ranks: Sequence[int] | None = None, *,
              timeout: float | None = None) -> None:
-        """Execute ``source`` in each rank's namespace (its ``__main__``)."""
+        """Execute ``source`` in each rank's namespace (its ``__main__``).
+
+        Names ``source`` reads that a rank lacks come from the caller's globals (a notebook
+        cell's are the notebook's): functions, classes and modules, and values up to
+        ``ranks._namespace.MAX_VALUE_BYTES`` pickled; a name the rank defines stays its own.
+        """
+        __tracebackhide__ = True
+        self._exec(source, ranks, timeout, sys._getframe(1).f_globals)
+
+    def _exec(self, source: str, ranks: Sequence[int] | None, timeout: float | None,
+              notebook: Mapping[str, Any]) -> None:
+        """``exec``, with the names the cell reads looked up in ``notebook``."""
         __tracebackhide__ = True
         if not isinstance(source, str):
             raise TypeError(f"source must be a str, not {type(source).__name__}")
@@ -146,7 +157,9 @@ class World:
         filename = f"<ranks-cell-{next(_exec_counter)}>"
         # Registered like an IPython cell, so a traceback on the rank shows these lines.
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        payload = _serialize.dumps((source, filename))
+        taken = _namespace.collect(source, filename, notebook,
+                                   _namespace.notebook_hidden(notebook))
+        payload = _serialize.dumps((source, filename, taken))
         self._call(CallKind.EXEC, dict.fromkeys(targets, payload), timeout, lambda r: True)
 
     def push(self, **values: Any) -> None:
