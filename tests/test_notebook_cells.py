@@ -16,21 +16,11 @@ Each test uses names of its own: they share the kernel's namespace.
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Iterator
 
 import pytest
-from kernel import Cell, Kernel
-
-
-def run(kernel: Kernel, code: str, timeout: float = 60.0) -> Cell:
-    return kernel.ok(textwrap.dedent(code).strip("\n"), timeout)
-
-
-def fails(kernel: Kernel, code: str, timeout: float = 60.0) -> Cell:
-    cell = kernel.execute(textwrap.dedent(code).strip("\n"), timeout)
-    assert cell.error is not None, f"expected an error from:\n{code}\nstdout:\n{cell.stdout}"
-    return cell
+from kernel import Kernel
+from test_world import fails, run
 
 
 @pytest.fixture
