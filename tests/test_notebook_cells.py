@@ -148,6 +148,17 @@ def test_a_value_over_the_limit_says_what_to_do(magic: Kernel) -> None:
     assert f"[rank 1] 1000 {2**20 + 1}" in pushed.stdout
 
 
+def test_an_unpicklable_value_matters_only_where_the_rank_lacks_it(magic: Kernel) -> None:
+    run(magic, "import threading\nguard = threading.Lock()\nlatch = threading.Lock()")
+    own = run(magic, "%%ranks\nimport threading\nguard = threading.Lock()\nprint(guard.locked())")
+    assert "[rank 0] False" in own.stdout
+    cell = fails(magic, "%%ranks\nprint(latch.locked())")
+    message = cell.error["evalue"]
+    assert "name 'latch' is not defined on rank" in message
+    assert "(lock) cannot be sent: TypeError" in message, message
+    assert "Create it on the ranks instead" in message
+
+
 def test_world_exec_reads_the_callers_globals(kernel: Kernel) -> None:
     run(kernel, """
         offset = 7

@@ -8,10 +8,14 @@ included) that the notebook defines, and sends each with the cell:
       names the cell reads                           for each name sent:
       ∩ the notebook's namespace ──> {name: bytes}     the rank lacks it       -> bind it
       (each pickled alone, at most MAX_VALUE_BYTES)    it came from the
-      too big ─────────────────────> {name: size}      notebook and is code    -> refresh it
+      too big, or unpicklable ─────> {name: why}       notebook and is code    -> refresh it
                                                        otherwise               -> the rank's stays
-                                                     too big and lacking   -> NameError saying
+                                                     unsent and lacking    -> NameError saying
                                                                                what to do
+
+A name that cannot be sent (too big, or unpicklable: a lock, an open file) is an error only
+where the rank lacks it and the cell does not assign it itself (``lock = Lock()`` on the
+rank must not fail because the notebook's lock cannot travel).
 
 The rank decides, not the kernel: only the rank knows what its namespace holds, and asking
 it first would cost every cell a round trip. The price is that every cell re-sends what it
@@ -50,20 +54,21 @@ from . import _serialize
 MAX_VALUE_BYTES = 1024 * 1024
 
 _LOADS = frozenset({"LOAD_NAME", "LOAD_GLOBAL", "LOAD_FROM_DICT_OR_GLOBALS"})
+_STORES = frozenset({"STORE_NAME", "STORE_GLOBAL"})
 _NAMESPACE = "ranks:namespace"  # the persistent id that stands for the rank's namespace
 
-Bundle = tuple[dict[str, bytes], dict[str, str]]  # pickled values, too-big descriptions
+Bundle = tuple[dict[str, bytes], dict[str, str]]  # pickled values; why others were not sent
 
 
-def names_read(code: types.CodeType) -> set[str]:
-    """The global names ``code`` (and the functions and classes it defines) read."""
+def global_names(code: types.CodeType, opnames: frozenset[str]) -> set[str]:
+    """The global names ``code`` (and the functions and classes it defines) load or store."""
     names = set()
     for instruction in dis.get_instructions(code):
-        if instruction.opname in _LOADS:
+        if instruction.opname in opnames:
             names.add(instruction.argval)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            names |= names_read(const)
+            names |= global_names(const, opnames)
     return names
 
 
@@ -79,20 +84,34 @@ def collect(source: str, filename: str, notebook: Mapping[str, Any],
     except SyntaxError:
         return {}, {}
     values: dict[str, bytes] = {}
-    too_big: dict[str, str] = {}
-    for name in sorted(names_read(code)):
+    unsent: dict[str, str] = {}
+    stored = global_names(code, _STORES)
+    for name in sorted(global_names(code, _LOADS)):
         if name.startswith("__") or name in hidden or name not in notebook:
             continue
         value = notebook[name]
+        what = f"the notebook's {name} ({type(value).__name__}"
         size = _declared_size(value)
-        if size is None or size <= MAX_VALUE_BYTES:
-            try:
-                values[name] = _dumps(value, notebook)
+        try:
+            if size is not None and size > MAX_VALUE_BYTES:
+                raise _TooBig(size)
+            values[name] = _dumps(value, notebook)
+        except _TooBig as error:
+            if name in stored:
+                continue  # the cell makes its own (`big = load()`): nothing to say up front
+            unsent[name] = (
+                f"{what}, {_megabytes(error.size)}) is too big to send with every cell (the"
+                f" limit is {_megabytes(MAX_VALUE_BYTES)}, ranks._namespace.MAX_VALUE_BYTES)."
+                f" Send it once with `%ranks push {name}` (World.push), or pass it explicitly."
+            )
+        except Exception as error:
+            # Not an error yet: the rank may define the name itself (its own lock, its own
+            # open file), and then never needs the notebook's.
+            if name in stored:
                 continue
-            except _TooBig as error:
-                size = error.size
-        too_big[name] = f"{type(value).__name__}, {_megabytes(size)}"
-    return values, too_big
+            unsent[name] = (f"{what}) cannot be sent: {type(error).__name__}: {error}."
+                            " Create it on the ranks instead.")
+    return values, unsent
 
 
 def notebook_hidden(namespace: Mapping[str, Any]) -> frozenset[str]:
@@ -106,21 +125,16 @@ def notebook_hidden(namespace: Mapping[str, Any]) -> frozenset[str]:
 
 def bind(bundle: Bundle, namespace: dict[str, Any], rank: int) -> None:
     """Bind what the kernel sent into the rank's ``namespace`` (see the module's rule)."""
-    values, too_big = bundle
+    values, unsent = bundle
     if "ranks" not in namespace:
         import ranks
 
         namespace["ranks"] = ranks
     for name, data in values.items():
         _Unpickler(io.BytesIO(data), namespace).load_into(name)
-    for name, what in too_big.items():
+    for name, why in unsent.items():
         if name not in namespace:
-            raise NameError(
-                f"name {name!r} is not defined on rank {rank}, and the notebook's {name}"
-                f" ({what}) is too big to send with every cell (the limit is"
-                f" {_megabytes(MAX_VALUE_BYTES)}, ranks._namespace.MAX_VALUE_BYTES)."
-                f" Send it once with `%ranks push {name}` (World.push), or pass it explicitly."
-            )
+            raise NameError(f"name {name!r} is not defined on rank {rank}, and {why}")
 
 
 # --- the kernel's side --------------------------------------------------------------------
