@@ -35,6 +35,7 @@ definition unless the rank rebound the name itself.
 from __future__ import annotations
 
 import dis
+import functools
 import io
 import pickle
 import sys
@@ -72,21 +73,20 @@ def global_names(code: types.CodeType, opnames: frozenset[str]) -> set[str]:
     return names
 
 
-def collect(source: str, filename: str, notebook: Mapping[str, Any],
+def collect(source: str, notebook: Mapping[str, Any],
             hidden: frozenset[str] = frozenset()) -> Bundle:
     """What the cell ``source`` reads from ``notebook``, pickled for the ranks.
 
     A cell that does not compile sends nothing: the rank compiles it too and reports the
     SyntaxError where the cell's other errors appear.
     """
-    try:
-        code = compile(source, filename, "exec")
-    except SyntaxError:
+    names = _cell_names(source)
+    if names is None:
         return {}, {}
+    read, stored = names
     values: dict[str, bytes] = {}
     unsent: dict[str, str] = {}
-    stored = global_names(code, _STORES)
-    for name in sorted(global_names(code, _LOADS)):
+    for name in sorted(read):
         if name.startswith("__") or name in hidden or name not in notebook:
             continue
         value = notebook[name]
@@ -114,6 +114,17 @@ def collect(source: str, filename: str, notebook: Mapping[str, Any],
     return values, unsent
 
 
+@functools.lru_cache(maxsize=64)
+def _cell_names(source: str) -> tuple[frozenset[str], frozenset[str]] | None:
+    """The global names a cell reads and assigns; None if it does not compile. Cached: a
+    600-line cell takes tens of milliseconds to compile and read, and cells are re-run."""
+    try:
+        code = compile(source, "<cell>", "exec")
+    except SyntaxError:
+        return None
+    return frozenset(global_names(code, _LOADS)), frozenset(global_names(code, _STORES))
+
+
 def notebook_hidden(namespace: Mapping[str, Any]) -> frozenset[str]:
     """IPython's own names in its user namespace (In, Out, _, exit, ...): never sent."""
     ipython = sys.modules.get("IPython")
@@ -131,7 +142,8 @@ def bind(bundle: Bundle, namespace: dict[str, Any], rank: int) -> None:
 
         namespace["ranks"] = ranks
     for name, data in values.items():
-        _Unpickler(io.BytesIO(data), namespace).load_into(name)
+        if _takes(namespace, name):
+            _Unpickler(io.BytesIO(data), namespace).load_into(name)
     for name, why in unsent.items():
         if name not in namespace:
             raise NameError(f"name {name!r} is not defined on rank {rank}, and {why}")
@@ -204,9 +216,9 @@ def _megabytes(size: int) -> str:
 
 # --- the rank's side ----------------------------------------------------------------------
 
-# What the rank bound from the notebook, by name: a name still bound to it was not rebound
-# by the rank's own code, so a newer definition from the notebook may replace it.
-_from_notebook: dict[str, Any] = {}
+# The notebook's functions, classes and modules this rank bound, by name: a name still bound
+# to one was not rebound by the rank's own code, so the notebook's newer definition replaces it.
+_code_from_notebook: dict[str, Any] = {}
 _ABSENT = object()
 
 
@@ -224,10 +236,21 @@ class _Unpickler(pickle.Unpickler):
         _bind(self._namespace, name, self.load())
 
 
-def _bind(namespace: dict[str, Any], name: str, value: Any) -> None:
+def _takes(namespace: dict[str, Any], name: str) -> bool:
+    """Whether the notebook's ``name`` may bind here: the rank lacks it, or holds the
+    notebook's code under it (a value the rank holds is never even unpickled)."""
     current = namespace.get(name, _ABSENT)
-    if current is _ABSENT or (current is _from_notebook.get(name) and _is_code(value)):
-        namespace[name] = _from_notebook[name] = value
+    return current is _ABSENT or current is _code_from_notebook.get(name, _ABSENT)
+
+
+def _bind(namespace: dict[str, Any], name: str, value: Any) -> None:
+    if not _takes(namespace, name):
+        return
+    namespace[name] = value
+    if _is_code(value):
+        _code_from_notebook[name] = value
+    else:
+        _code_from_notebook.pop(name, None)  # a value: the rank's own from now on
 
 
 def _is_code(value: Any) -> bool:

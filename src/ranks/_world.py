@@ -157,8 +157,7 @@ class World:
         filename = f"<ranks-cell-{next(_exec_counter)}>"
         # Registered like an IPython cell, so a traceback on the rank shows these lines.
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        taken = _namespace.collect(source, filename, notebook,
-                                   _namespace.notebook_hidden(notebook))
+        taken = _namespace.collect(source, notebook, _namespace.notebook_hidden(notebook))
         payload = _serialize.dumps((source, filename, taken))
         self._call(CallKind.EXEC, dict.fromkeys(targets, payload), timeout, lambda r: True)
 
