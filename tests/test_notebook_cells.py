@@ -140,12 +140,16 @@ def test_a_value_over_the_limit_says_what_to_do(magic: Kernel) -> None:
     message = cell.error["evalue"]
     assert cell.error["ename"] == "NameError", cell.traceback
     assert "name 'big' is not defined on rank" in message
-    assert "(bytes, 1.0 MiB)" in message
+    assert "(bytes, over 1.0 MiB pickled)" in message
     assert "`%ranks push big`" in message and "pass it explicitly" in message
     assert "small" not in message
     run(magic, "%ranks push big")
     pushed = run(magic, "%%ranks\nprint(len(small), len(big))")
     assert f"[rank 1] 1000 {2**20 + 1}" in pushed.stdout
+    # An array says its size without being pickled.
+    run(magic, "import numpy\nwide = numpy.zeros(2**18 + 1)")
+    array = fails(magic, "%%ranks\nprint(wide.shape)")
+    assert "(ndarray, 2.0 MiB)" in array.error["evalue"], array.error["evalue"]
 
 
 def test_an_unpicklable_value_matters_only_where_the_rank_lacks_it(magic: Kernel) -> None:

@@ -94,13 +94,13 @@ def collect(source: str, notebook: Mapping[str, Any],
         size = _declared_size(value)
         try:
             if size is not None and size > MAX_VALUE_BYTES:
-                raise _TooBig(size)
+                raise _TooBig(_megabytes(size))
             values[name] = _dumps(value, notebook)
         except _TooBig as error:
             if name in stored:
                 continue  # the cell makes its own (`big = load()`): nothing to say up front
             unsent[name] = (
-                f"{what}, {_megabytes(error.size)}) is too big to send with every cell (the"
+                f"{what}, {error.size}) is too big to send with every cell (the"
                 f" limit is {_megabytes(MAX_VALUE_BYTES)}, ranks._namespace.MAX_VALUE_BYTES)."
                 f" Send it once with `%ranks push {name}` (World.push), or pass it explicitly."
             )
@@ -153,30 +153,30 @@ def bind(bundle: Bundle, namespace: dict[str, Any], rank: int) -> None:
 
 
 class _TooBig(Exception):
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: str) -> None:
         self.size = size
 
 
 class _Limited(io.BytesIO):
-    """Stops pickling as soon as the payload passes the limit, but keeps counting its size
-    (writes are dropped), so the error can say how big the value is."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.size = 0
+    """Stops pickling as soon as the payload passes the limit. Pickling the rest only to
+    say its size would cost every cell that reads a large pushed value (the rank has it, but
+    the kernel cannot know) the whole pickling time."""
 
     def write(self, data: Any) -> int:
-        length = memoryview(data).nbytes
-        self.size += length
-        if self.size <= MAX_VALUE_BYTES:
-            return super().write(data)
-        return length
+        if self.tell() + memoryview(data).nbytes > MAX_VALUE_BYTES:
+            raise _TooBig(f"over {_megabytes(MAX_VALUE_BYTES)} pickled")
+        return super().write(data)
 
 
 class _CodePickler(_serialize._Pickler):
     """Pickles a notebook function so that, once loaded, its globals are the rank's
     namespace (a persistent id in place of cloudpickle's fresh globals dict) and the
-    globals it took from the notebook pass through :func:`_bind`."""
+    globals it took from the notebook pass through :func:`_bind`.
+
+    This leans on cloudpickle 3's internals (``globals_ref``, ``_dynamic_function_reduce``,
+    ``_function_setstate``): cloudpickle has no public hook for a function's globals.
+    tests/test_notebook_cells.py fails if they change.
+    """
 
     def __init__(self, file: io.BytesIO, notebook: Mapping[str, Any]) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
@@ -199,8 +199,6 @@ class _CodePickler(_serialize._Pickler):
 def _dumps(value: Any, notebook: Mapping[str, Any]) -> bytes:
     buffer = _Limited()
     _CodePickler(buffer, notebook).dump(value)
-    if buffer.size > MAX_VALUE_BYTES:
-        raise _TooBig(buffer.size)
     return buffer.getvalue()
 
 
