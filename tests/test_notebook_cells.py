@@ -187,9 +187,14 @@ def test_on_runs_every_cell_on_the_ranks_and_its_magics_in_the_kernel(magic: Ker
             wheres = %ranks pull where
             %ranks status
             print("back on the ranks")
+            template = '''
+            %s, in a string
+            '''
+            print(template.strip() % where)
         """)
         assert "[rank 0] rank 0" in cell.stdout and "[rank 1] rank 1" in cell.stdout
         assert "[rank 1] back on the ranks" in cell.stdout
+        assert "[rank 1] rank 1, in a string" in cell.stdout
     finally:
         run(magic, "%ranks off")
     assert magic.value("where, wheres") == ("kernel", ["rank 0", "rank 1"])

@@ -20,7 +20,8 @@ notebook (see ``_namespace``).
 ``%ranks on`` adds an input transformer (IPython's documented ``input_transformers_cleanup``
 hook, which sees a cell before IPython turns its magics into calls): each run of Python
 lines becomes one ``%%ranks`` call, while lines that start with ``%`` or ``!`` (or assign
-one: ``x = %ranks pull x``) and cells that start with ``%%`` still run in the kernel.
+one: ``x = %ranks pull x``) and cells that start with ``%%`` still run in the kernel. Only
+unindented lines count: a magic inside an ``if`` or a ``for`` goes to the ranks with it.
 """
 
 from __future__ import annotations
@@ -209,8 +210,13 @@ def _on_mode(lines: list[str]) -> list[str]:
             out.append(f"get_ipython().run_cell_magic('ranks', '', {source!r})\n")
         python.clear()
 
-    for line in lines:
-        if _KERNEL_LINE.match(line):
+    # IPython's own tokenizer for cells (it finds magics the same way): a line inside a
+    # string or a bracket that happens to start with % is not a logical line's start.
+    from IPython.core.inputtransformer2 import make_tokens_by_line
+
+    starts = {tokens[0].start[0] - 1 for tokens in make_tokens_by_line(lines) if tokens}
+    for number, line in enumerate(lines):
+        if number in starts and _KERNEL_LINE.match(line):
             flush()
             out.append(line)
         else:
