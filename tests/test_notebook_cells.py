@@ -150,6 +150,16 @@ def test_a_value_over_the_limit_says_what_to_do(magic: Kernel) -> None:
     run(magic, "import numpy\nwide = numpy.zeros(2**18 + 1)")
     array = fails(magic, "%%ranks\nprint(wide.shape)")
     assert "(ndarray, 2.0 MiB)" in array.error["evalue"], array.error["evalue"]
+    # So does one inside another value, before it is serialised (torch copies a tensor whole).
+    run(magic, """
+        class Buffer:
+            nbytes = 2**30
+            def __reduce__(self):
+                raise RuntimeError("a buffer over the limit was serialised")
+        state = {"weights": Buffer()}
+    """)
+    nested = fails(magic, "%%ranks\nprint(state)")
+    assert "(dict, over 1.0 MiB pickled) is too big" in nested.error["evalue"], nested.traceback
 
 
 def test_an_unpicklable_value_matters_only_where_the_rank_lacks_it(magic: Kernel) -> None:

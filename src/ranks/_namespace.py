@@ -180,6 +180,7 @@ class _CodePickler(_serialize._Pickler):
 
     def __init__(self, file: io.BytesIO, notebook: Mapping[str, Any]) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._file = file
         self._notebook = notebook
         # cloudpickle looks a function's future globals up in globals_ref by the id of its
         # globals: the notebook's functions get this stand-in, sent as _NAMESPACE.
@@ -188,6 +189,14 @@ class _CodePickler(_serialize._Pickler):
 
     def persistent_id(self, obj: Any) -> str | None:
         return _NAMESPACE if obj is self._stand_in else None
+
+    def reducer_override(self, obj: Any) -> Any:
+        # An array or tensor anywhere inside (a state_dict, a model) says its size before
+        # it is serialised: torch copies a whole tensor (from the GPU, too) to pickle it.
+        size = _declared_size(obj)
+        if size is not None and self._file.tell() + size > MAX_VALUE_BYTES:
+            raise _TooBig(f"over {_megabytes(MAX_VALUE_BYTES)} pickled")
+        return super().reducer_override(obj)
 
     def _dynamic_function_reduce(self, func: types.FunctionType) -> Any:
         reduced = super()._dynamic_function_reduce(func)
@@ -204,8 +213,15 @@ def _dumps(value: Any, notebook: Mapping[str, Any]) -> bytes:
 
 def _declared_size(value: Any) -> int | None:
     """Arrays and tensors say their size: no need to pickle a large one to find out."""
-    nbytes = getattr(value, "nbytes", None)
-    return nbytes if isinstance(nbytes, int) and not isinstance(value, type) else None
+    # Asked of the class first: an instance's __getattr__ (a proxy, a lazy object) could do
+    # anything when asked for a name it lacks.
+    if isinstance(value, type) or not hasattr(type(value), "nbytes"):
+        return None
+    try:
+        nbytes = value.nbytes
+    except Exception:
+        return None
+    return nbytes if isinstance(nbytes, int) else None
 
 
 def _megabytes(size: int) -> str:
