@@ -16,7 +16,11 @@ Each test uses names of its own: they share the kernel's namespace.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from kernel import Kernel
@@ -183,6 +187,27 @@ def test_world_exec_reads_the_callers_globals(kernel: Kernel) -> None:
             got = w.pull("got")
     """)
     assert kernel.value("got") == [7, 8]
+
+
+@pytest.mark.timeout(90)
+def test_world_exec_in_a_script_reads_the_scripts_globals(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent("""
+        import ranks
+
+        def label(rank):
+            return f"{prefix}-{rank}"
+
+        prefix = "r"
+        if __name__ == "__main__":
+            with ranks.World(n=2) as w:
+                w.exec("name = label(ranks.current().rank)")
+                print(w.pull("name"))
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("['r-0', 'r-1']"), done.stdout
 
 
 # --- %ranks on / off ------------------------------------------------------------------------
