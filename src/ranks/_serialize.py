@@ -9,8 +9,9 @@ instance of the kernel's own class again.
 Three rules are added on top:
 
 * code objects keep their file name and line numbers (tracebacks on a rank show the cell);
-* a CUDA tensor is pickled as its CPU copy, so a result never makes the kernel create a
-  CUDA context on unpickling (and never lands on a GPU the kernel does not own);
+* a CUDA tensor is pickled as its CPU copy and unpickled onto the receiver's own device:
+  a GPU rank's GPU, else the CPU. A result never makes the kernel create a CUDA context, an
+  argument never makes a rank touch the kernel's GPU (or any GPU, on a CPU rank);
 * when something cannot be pickled, :func:`dumps_call` says which argument or which global
   captured by the function it is, before any process starts.
 
@@ -69,12 +70,24 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             and obj.device.type not in ("cpu", "meta")
         ):
             host = obj.detach().cpu().requires_grad_(obj.requires_grad and obj.is_leaf)
-            return host.__reduce_ex__(self.proto)
+            return _on_own_device, (host,)
         if self.out_of_band and torch is not None and type(obj) is torch.Tensor:
             reduced = _tensor_as_buffer(obj)
             if reduced is not None:
                 return reduced
         return super().reducer_override(obj)
+
+
+def _on_own_device(tensor: Any) -> Any:
+    """Where a CUDA tensor that was staged through host memory lands: on a GPU rank, that
+    rank's own GPU; on a CPU rank and in the kernel, the CPU. Never another process's GPU:
+    a rank that touched the kernel's GPU would open a CUDA context there."""
+    from . import _context
+
+    info = _context._current
+    if info is None or info.gpu is None:
+        return tensor
+    return tensor.detach().to(info.device).requires_grad_(tensor.requires_grad)
 
 
 def _tensor_as_buffer(tensor: Any) -> tuple[Any, ...] | None:
