@@ -46,7 +46,7 @@ from multiprocessing.connection import Connection, wait
 from types import TracebackType
 from typing import Any, NoReturn, TextIO
 
-from . import _context, _namespace, _protocol, _serialize
+from . import _context, _dataplane, _namespace, _protocol, _serialize
 from ._lifeline import die_with_parent, watch_parent
 from ._protocol import (
     Call,
@@ -96,6 +96,8 @@ def main(argv: list[str]) -> None:
         faulthandler.register(signal.SIGUSR1, file=_stacks_file, all_threads=True)
     _line_buffer_c_stdio()
 
+    global _folders
+    _folders = _dataplane.Folders.of_this_rank()
     init = _protocol.recv(conn)
     assert isinstance(init, Init), init
     os.chdir(init.cwd)
@@ -347,6 +349,8 @@ _interrupt_taken: tuple[socket.socket, socket.socket]
 # Set by main() for the portable start only: see _flush_all.
 _output_marks: tuple[bytes, bytes] | None = None
 _stacks_file: TextIO
+# The World's folders for big buffers in results (None: they go through the socket).
+_folders: _dataplane.Folders | None = None
 
 
 def _on_interrupt(signum: int, frame: Any) -> None:
@@ -379,9 +383,9 @@ def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
     try:
         with _user_code():
             if call.kind is CallKind.RUN:
-                fn, args, kwargs = _serialize.loads(call.payload)
+                fn, args, kwargs = _dataplane.load(call.payload, consume=False)
             elif call.kind is CallKind.PUSH:
-                values = _serialize.loads(call.payload)
+                values = _dataplane.load(call.payload, consume=False)
             elif call.kind is CallKind.EXEC:
                 source, filename, taken = _serialize.loads(call.payload)
                 code = compile(source, filename, "exec")
@@ -409,7 +413,7 @@ def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
 
     try:
         with _user_code():
-            payload = _serialize.dumps(result)
+            payload = _dataplane.send_value(result, _folders)
     except BaseException as error:
         return _failure(call.call_id, error, "sending the result to the kernel", skip=0)
     return Done(call.call_id, payload)

@@ -19,12 +19,14 @@ import os
 import socket
 import sys
 import time
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from . import _namespace, _notebook, _serialize
+from . import _dataplane, _namespace, _notebook, _serialize
+from ._dataplane import Folders
 from ._errors import RanksError, WorldBroken, add_note
 from ._placement import RankSpec, gpu_memory_by_pid, plan_ranks, visible_gpus
 from ._protocol import CallKind, Done, Init
@@ -95,11 +97,21 @@ class World:
         self._specs = specs
         self._broken: str | None = None
         self._sent_cells: set[str] = set()
+        self._big_sent: dict[str, weakref.ref[Any]] = {}  # see _warn_if_resent
+        self._big_warned: set[str] = set()
+        self._folders = Folders.create()
+        if self._folders is not None:
+            extra_env = {**extra_env, _dataplane.FOLDERS_VARIABLE: self._folders.as_variable()}
         envs = _rank_environments(specs, extra_env)
         cwd = os.getcwd()
         sys_path = _notebook.kernel_sys_path()
-        self._supervisor = Supervisor(specs, envs, cwd)
-        self._finalizer = weakref.finalize(self, self._supervisor.close)
+        try:
+            self._supervisor = Supervisor(specs, envs, cwd)
+        except BaseException:
+            if self._folders is not None:
+                self._folders.remove()
+            raise
+        self._finalizer = weakref.finalize(self, _close, self._supervisor, self._folders)
         try:
             ready = self._supervisor.start(
                 lambda spec: Init(spec.rank, spec.world_size, spec.gpu, torch_dist, sys_path, cwd,
@@ -133,7 +145,8 @@ class World:
         __tracebackhide__ = True
         args, kwargs = _check_call(fn, args, kwargs, timeout)
         shown = _shown_ranks(output, self.size)
-        payload = _serialize.dumps_call(fn, args, kwargs)
+        payload = _serialize.dumps_call(fn, args, kwargs, self._folders is not None)
+        self._warn_if_resent(fn)
         return self._call(CallKind.RUN, dict.fromkeys(range(self.size), payload), timeout, shown)
 
     def exec(self, source: str, ranks: Sequence[int] | None = None, *,
@@ -158,14 +171,16 @@ class World:
         # Registered like an IPython cell, so a traceback on the rank shows these lines.
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         taken = _namespace.collect(source, notebook, _namespace.notebook_hidden(notebook))
-        payload = _serialize.dumps((source, filename, taken))
+        # In the stream: notebook values are small (_namespace limits them), and the rank
+        # unpickles each one only where it lacks the name.
+        payload = _serialize.pack((source, filename, taken), out_of_band=False)
         self._call(CallKind.EXEC, dict.fromkeys(targets, payload), timeout, lambda r: True)
 
     def push(self, **values: Any) -> None:
         """Bind each ``name=value`` in every rank's namespace."""
         __tracebackhide__ = True
         try:
-            payload = _serialize.dumps(values)
+            payload = _serialize.pack(values, self._folders is not None)
         except Exception as error:
             bad = [k for k, v in values.items() if not _serialize._picklable(v)]
             raise TypeError(f"cannot push {bad} to the ranks: {error}") from error
@@ -177,7 +192,7 @@ class World:
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, not {type(name).__name__}")
         targets = _check_ranks(None if rank is None else [rank], self.size)
-        payload = _serialize.dumps(name)
+        payload = _serialize.pack(name, out_of_band=False)
         values = self._call(CallKind.PULL, dict.fromkeys(targets, payload), None, lambda r: True)
         return values if rank is None else values[0]
 
@@ -226,7 +241,7 @@ class World:
     # --- internals ----------------------------------------------------------------------
 
     def _call(
-        self, kind: CallKind, payloads: dict[int, bytes], timeout: float | None,
+        self, kind: CallKind, payloads: dict[int, _serialize.Packed], timeout: float | None,
         shown: Callable[[int], bool], started: float | None = None,
     ) -> list[Any]:
         __tracebackhide__ = True
@@ -239,21 +254,54 @@ class World:
         if self._broken is not None:
             raise WorldBroken(self._broken)
         cells = _notebook.cell_sources(self._sent_cells)
-        result = self._supervisor.call(kind, payloads, cells, timeout, shown, started)
+        staged: dict[int, bytes] = {}  # id(Packed) -> payload: what all ranks get, once
+        try:
+            sent = {}
+            for rank, packed in payloads.items():
+                if id(packed) not in staged:
+                    staged[id(packed)] = _dataplane.stage(packed, self._folders)
+                sent[rank] = staged[id(packed)]
+            result = self._supervisor.call(kind, sent, cells, timeout, shown, started)
+        finally:
+            # Every rank has answered or ended: none maps the arguments' file any more.
+            for payload in staged.values():
+                _dataplane.release(payload)
+        replies = {rank: o.reply for rank, o in result.outcomes.items()}
         error = self._failure_of(result)
         if error is not None:
+            _release_results(replies)
             raise error
         values = []
         for rank in sorted(payloads):
-            reply = result.outcomes[rank].reply
+            reply = replies.pop(rank)
             assert isinstance(reply, Done), reply
             try:
-                values.append(_serialize.loads(reply.payload))
+                values.append(_dataplane.load(reply.payload, consume=True))
             except BaseException as unpickling:
+                _release_results(replies)
                 add_note(unpickling, f"ranks: while unpickling the result of rank {rank}"
                          " in the kernel")
                 raise
         return values
+
+    def _warn_if_resent(self, fn: Callable[..., Any]) -> None:
+        """Say once per global when a call ships the same big array or tensor as the call
+        before it did: it is copied into shared memory on every call."""
+        for label, value, size in _serialize.big_captures(fn):
+            try:
+                before = self._big_sent.get(label)
+                self._big_sent[label] = weakref.ref(value)
+            except TypeError:  # cannot be weakly referenced: cannot be recognised either
+                continue
+            if before is not None and before() is value and label not in self._big_warned:
+                self._big_warned.add(label)
+                name = label.split("'")[1] if "'" in label else "x"
+                warnings.warn(
+                    f"ranks: the {label} ({size / 2**20:.1f} MiB) is sent to the ranks again"
+                    f" with every call; send it once with World.push({name}={name}) (or"
+                    f" `%ranks push {name}`) and use it on the ranks by name",
+                    RuntimeWarning, stacklevel=3,
+                )
 
     def _mark_broken_if_dead(self) -> list[int]:
         """The ranks that have ended; if any, the World is broken and the others are killed."""
@@ -280,6 +328,21 @@ class World:
             # kill, as much as a crash, leaves the World unusable.
             add_note(error, "ranks: this World is broken; start a new one (or `%ranks restart`)")
         return error
+
+
+def _close(supervisor: Supervisor, folders: Folders | None) -> None:
+    try:
+        supervisor.close()
+    finally:
+        if folders is not None:
+            folders.remove()  # results the kernel still holds stay mapped
+
+
+def _release_results(replies: Mapping[int, object]) -> None:
+    """Results that will never be unpickled (the call failed): their files go now."""
+    for reply in replies.values():
+        if isinstance(reply, Done):
+            _dataplane.release(reply.payload)
 
 
 MAX_RANKS_WAITED = 15  # Windows before Python 3.13: see _check_world
