@@ -265,7 +265,8 @@ def test_item9_interrupt_while_ranks_start_shows_no_rank_traceback(fresh_kernel:
     (or, interrupted too late, in a running World), with nothing of ranks' own start-up
     code in its output or its traceback."""
     k = fresh_kernel
-    k.ok("import ranks\ndef my_rank():\n    return ranks.current().rank\nranks.run(my_rank, n=1)")  # the template (if any) is warm
+    # The template (if any) is warm before the first interrupt.
+    k.ok("import ranks\ndef my_rank():\n    return ranks.current().rank\nranks.run(my_rank, n=1)")
     interrupted = 0
     for delay in (0.0, 0.02, 0.05, 0.08, 0.12, 0.16, 0.2, 0.3):
         msg_id = k.start("w = ranks.World(n=2)")

@@ -118,15 +118,26 @@ _WINDOWS_CRASHES = {
 
 
 class RanksTimeout(RanksError):
-    """The call ran past ``timeout``; ``.stacks`` maps each rank still running to its stack."""
+    """The call ran past ``timeout``; ``.stacks`` maps each rank still running to its stack.
 
-    def __init__(self, timeout: float, stacks: Mapping[int, str]) -> None:
+    ``waited``: the time ran out while the call waited for another thread's call on the same
+    World; nothing was sent to the ranks.
+    """
+
+    def __init__(
+        self, timeout: float, stacks: Mapping[int, str], waited: bool = False
+    ) -> None:
         self.timeout = timeout
         self.stacks = dict(stacks)
+        self.waited = waited
         super().__init__(self._message())
 
     def _message(self) -> str:
         running = sorted(self.stacks)
+        if self.waited:
+            return (f"the call did not start within {self.timeout:g} s: another thread's"
+                    " call on this World was still running (a World runs one call at a"
+                    " time); nothing was sent to the ranks, and the World is fine")
         if not running:
             return (f"the call did not finish within {self.timeout:g} s: the ranks were still"
                     " starting (the warm template imports torch and the notebook's modules"
@@ -142,7 +153,7 @@ class RanksTimeout(RanksError):
         return text
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.timeout, self.stacks))
+        return (type(self), (self.timeout, self.stacks, self.waited))
 
 
 class RankFailed(RanksError):

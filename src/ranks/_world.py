@@ -9,6 +9,11 @@ A World whose rank died is *broken*: its remaining ranks are stopped (their peer
 collective would wait forever) and every later call says so instead of hanging. A World
 is closed by ``close()``, by ``with``, when it is garbage-collected, or at interpreter exit
 (``weakref.finalize``), and closing twice is safe.
+
+A World may be used from several threads (a cell that trains, a thread that watches): its
+calls are serialised. One that finds another thread's call running waits for it to end; its
+``timeout`` counts that wait, and an interrupt ends the wait. ``close()`` and ``status()``
+wait their turn too, so none of them ever sees a call half done.
 """
 
 from __future__ import annotations
@@ -18,18 +23,20 @@ import linecache
 import os
 import socket
 import sys
+import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import _notebook, _serialize
-from ._errors import RanksError, WorldBroken, add_note
+from ._errors import RanksError, RanksTimeout, WorldBroken, add_note
 from ._placement import RankSpec, gpu_memory_by_pid, plan_ranks, visible_gpus
 from ._protocol import CallKind, Done, Init
 from ._report import build_error
-from ._supervisor import Supervisor, WaitResult
+from ._supervisor import INTERRUPT_POLL, Supervisor, WaitResult
 
 Output = Literal["all", "rank0", "none"] | Sequence[int]
 
@@ -40,6 +47,9 @@ TORCHRUN_VARIABLES = (
     "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
 )
 _exec_counter = itertools.count(1)
+# How long the finalizer, at interpreter exit, waits for a call that a daemon thread is
+# still in before it ends the ranks all the same.
+CLOSE_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,9 @@ class World:
     ``torch_dist=True`` creates the process group once (NCCL on GPUs, Gloo on CPUs) and
     keeps it until the World closes. ``env`` adds environment variables on every rank.
     Results that hold CUDA tensors arrive in the kernel as CPU tensors.
+
+    Calls from several threads run one at a time: a call waits while another thread's runs
+    (its ``timeout`` counts the wait); ``close()`` waits for a running call to end.
     """
 
     _one_shot = False
@@ -95,11 +108,15 @@ class World:
         self._specs = specs
         self._broken: str | None = None
         self._sent_cells: set[str] = set()
+        # Held by whichever thread uses the Supervisor, which is not thread-safe: two calls
+        # at once would read each other's replies. Reentrant: close() holds it and then
+        # runs the finalizer, which takes it too.
+        self._lock = threading.RLock()
         envs = _rank_environments(specs, extra_env)
         cwd = os.getcwd()
         sys_path = _notebook.kernel_sys_path()
         self._supervisor = Supervisor(specs, envs, cwd)
-        self._finalizer = weakref.finalize(self, self._supervisor.close)
+        self._finalizer = weakref.finalize(self, _close_supervisor, self._lock, self._supervisor)
         try:
             ready = self._supervisor.start(
                 lambda spec: Init(spec.rank, spec.world_size, spec.gpu, torch_dist, sys_path, cwd,
@@ -170,7 +187,12 @@ class World:
         return values if rank is None else values[0]
 
     def status(self) -> list[RankStatus]:
-        """One row per rank: pid, device, GPU memory in use (MiB) and state."""
+        """One row per rank: pid, device, GPU memory in use (MiB) and state (after the call
+        another thread is running, if any)."""
+        with self._turn(None, time.monotonic()):
+            return self._status()
+
+    def _status(self) -> list[RankStatus]:
         dead = set() if self.closed else set(self._supervisor.dead_ranks())
         memory = gpu_memory_by_pid()
         rows = []
@@ -188,13 +210,17 @@ class World:
         return self._supervisor.log_path(rank)
 
     def close(self) -> None:
-        """Stop every rank and release everything; safe to call again."""
-        self._finalizer()
+        """Stop every rank and release everything; safe to call again. A call that another
+        thread is running ends first."""
+        with self._turn(None, time.monotonic()):
+            self._finalizer()
 
     @property
     def broken(self) -> str | None:
         """Why this World can no longer be used (a rank ended), or None while it can."""
-        self._mark_broken_if_dead()
+        with self._turn(None, time.monotonic()):
+            if not self.closed:
+                self._mark_broken_if_dead()
         return self._broken
 
     @property
@@ -216,6 +242,15 @@ class World:
     def _call(
         self, kind: CallKind, payloads: dict[int, bytes], timeout: float | None,
         shown: Callable[[int], bool], started: float | None = None,
+    ) -> list[Any]:
+        __tracebackhide__ = True
+        started = time.monotonic() if started is None else started
+        with self._turn(timeout, started):
+            return self._call_now(kind, payloads, timeout, shown, started)
+
+    def _call_now(
+        self, kind: CallKind, payloads: dict[int, bytes], timeout: float | None,
+        shown: Callable[[int], bool], started: float,
     ) -> list[Any]:
         __tracebackhide__ = True
         if self.closed:
@@ -243,6 +278,29 @@ class World:
                 raise
         return values
 
+    @contextmanager
+    def _turn(self, timeout: float | None, started: float) -> Iterator[None]:
+        """Hold the World while the block runs, once no other thread's call is running.
+
+        The wait wakes every INTERRUPT_POLL seconds: an interrupt that comes without a
+        signal (ipykernel on Windows) is raised only between waits. Out of ``timeout``
+        (counted from ``started``) before its turn, the call is given up: nothing was sent.
+        """
+        __tracebackhide__ = True
+        deadline = None if timeout is None else started + timeout
+        while True:
+            wait = INTERRUPT_POLL
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.monotonic()))
+            if self._lock.acquire(timeout=wait):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RanksTimeout(timeout or 0.0, {}, waited=True)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     def _mark_broken_if_dead(self) -> list[int]:
         """The ranks that have ended; if any, the World is broken and the others are killed."""
         dead = self._supervisor.dead_ranks()
@@ -268,6 +326,20 @@ class World:
             # kill, as much as a crash, leaves the World unusable.
             add_note(error, "ranks: this World is broken; start a new one (or `%ranks restart`)")
         return error
+
+
+def _close_supervisor(lock: threading.RLock, supervisor: Supervisor) -> None:
+    """The World's finalizer: ``close()``, garbage collection, interpreter exit.
+
+    At exit a daemon thread may still be in a call: after CLOSE_WAIT its ranks are ended
+    all the same, since nothing of a World may outlive the interpreter.
+    """
+    held = lock.acquire(timeout=CLOSE_WAIT)
+    try:
+        supervisor.close()
+    finally:
+        if held:
+            lock.release()
 
 
 MAX_RANKS_WAITED = 15  # Windows before Python 3.13: see _check_world
