@@ -123,6 +123,11 @@ class World:
                                   self._supervisor.rendezvous_path),
                 timeout, shown, started,
             )
+        except KeyboardInterrupt:
+            self._finalizer()
+            # A fresh one: where the interrupt landed in ranks' start-up machinery (a launch,
+            # a connection) is no business of the user's, and the cell shows no such frames.
+            raise KeyboardInterrupt from None
         except BaseException:
             self._finalizer()
             raise
@@ -319,8 +324,13 @@ class World:
             error = result.timeout
         elif result.interrupted:
             error = KeyboardInterrupt()
-            if dead:
-                add_note(error, f"ranks: ranks {dead} did not stop in time and were killed")
+            # Those that had to be terminated or killed for it, while they ran a call: a
+            # rank still starting is ended at once, as it should be.
+            killed = sorted(rank for rank, outcome in result.outcomes.items()
+                            if outcome.crash is not None and outcome.crash.during != "starting"
+                            and outcome.stopped_by in ("SIGTERM", "SIGKILL"))
+            if killed:
+                add_note(error, f"ranks: ranks {killed} did not stop in time and were killed")
         if error is not None and dead and not self._one_shot:
             # Said by whichever error the cell shows: a timeout or an interrupt that had to
             # kill, as much as a crash, leaves the World unusable.
