@@ -127,6 +127,36 @@ def test_item2_close_from_another_thread_waits_for_the_running_call(tmp_path: Pa
     world.close()  # twice is fine
 
 
+@pytest.mark.timeout(90)
+def test_item2_interrupt_ends_a_call_waiting_for_another_threads_call(
+    fresh_kernel: Kernel,
+) -> None:
+    """A cell waits for a monitoring thread's call: the interrupt ends the cell's wait, and
+    nothing of the thread's call nor of the World."""
+    k = fresh_kernel
+    running = Path(k.workdir) / "running"  # type: ignore[attr-defined]
+    k.ok(textwrap.dedent("""
+        import threading, time, ranks
+        from pathlib import Path
+        w = ranks.World(n=2)
+        def slow():
+            Path("running").touch()
+            time.sleep(3)
+            return ranks.current().rank
+        background = {}
+        thread = threading.Thread(target=lambda: background.update(value=w.run(slow)))
+        thread.start()
+    """))
+    cell, seconds = k.interrupt_once("w.run(time.time)", [running], wait=30, settle=0.3,
+                                     timeout=60)
+    assert cell.error is not None and cell.error["ename"] == "KeyboardInterrupt", cell.traceback
+    assert seconds < 2.0, seconds
+    assert not any(ours in cell.traceback for ours in OUR_MACHINERY), cell.traceback
+    assert k.value("thread.join(30); background") == {"value": [0, 1]}
+    assert k.value("w.broken is None, len(w.run(time.time))") == (True, 2)
+    k.ok("w.close()")
+
+
 # --- items 5 and 6: exceptions that cannot be printed, pickled or unpickled --------------
 
 EXCEPTIONS = """
@@ -233,7 +263,7 @@ def test_item6_exception_that_unpickles_to_a_non_exception(exceptions: Kernel) -
 
 
 @pytest.mark.timeout(90)
-def test_item6_exception_that_cannot_be_pickled(exceptions: Kernel) -> None:
+def test_item6_exception_that_cannot_be_pickled_is_rank_failed(exceptions: Kernel) -> None:
     cell = _cell(exceptions, "w.run(raise_on_rank_1, args=(Unpicklable, 'locked'))")
     assert cell.error["ename"] == "RankFailed", cell.traceback
     assert "rank 1 raised Unpicklable: locked" in cell.traceback, cell.traceback
