@@ -282,10 +282,13 @@ def kill_my_template() -> None:
 @pytest.mark.skipif(start_method() != "template", reason="only forked ranks have a template")
 def test_item9_rank_whose_template_was_killed_says_so() -> None:
     with pytest.raises(ranks.RankCrashed) as caught:
-        ranks.run(kill_my_template, n=1)
+        ranks.run(kill_my_template, n=2)
     message = str(caught.value)
-    assert "template" in message, message
+    assert "ended with the ranks template it was forked from" in message, message
+    assert "RANKS_START_METHOD=spawn" in message, message  # what to do if it repeats
     assert "OOM" not in message and "SIGKILL" not in message, message
+    notes = "\n".join(getattr(caught.value, "__notes__", []))
+    assert "ended with its template" in notes, notes  # the other rank, summarised
     assert ranks.run(my_rank, n=2) == [0, 1]  # a new template serves the next call
 
 

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Mapping
 
 from . import _serialize
-from ._errors import RankFailed, RankTraceback, add_note
+from ._errors import TEMPLATE_ENDED, RankFailed, RankTraceback, add_note
 from ._protocol import Failed
 from ._supervisor import Outcome
 
@@ -64,8 +64,11 @@ def _exception_of(
 
 def _summary(outcome: Outcome) -> str:
     if outcome.crash is not None:
-        how = outcome.crash.signal_name or f"exit code {outcome.crash.exitcode}"
-        text = f"ended ({how})"
+        if outcome.crash.exitcode == TEMPLATE_ENDED:
+            text = "ended with its template"
+        else:
+            how = outcome.crash.signal_name or f"exit code {outcome.crash.exitcode}"
+            text = f"ended ({how})"
     else:
         assert isinstance(outcome.reply, Failed)
         text = f"{outcome.reply.type_name}: {outcome.reply.message}".rstrip(": ")
