@@ -14,7 +14,8 @@ SESSION = str(os.getpid())
 os.environ[SESSION_VARIABLE] = SESSION
 
 
-def _ours(proc: psutil.Process) -> bool:
+def ours(proc: psutil.Process) -> bool:
+    """Whether ``proc`` belongs to this test session (it carries the session's marker)."""
     try:
         return proc.environ().get(SESSION_VARIABLE) == SESSION
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -30,7 +31,7 @@ def rank_processes() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline", "ppid"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if "ranks." not in cmdline or not _ours(proc):
+        if "ranks." not in cmdline or not ours(proc):
             continue
         if "ranks._worker" in cmdline:
             found.append(proc)

@@ -140,7 +140,9 @@ class RelayedOutput:
 
 
 def _relay(pipe: IO[bytes], sock: socket.socket) -> None:
-    with pipe, sock, contextlib.suppress(OSError):  # OSError: the kernel let go of it
+    # OSError: the kernel let go of the socket. ValueError: of the pipe, maybe before this
+    # thread ran (an interrupt while the rank started: kill() closes the pipes).
+    with sock, contextlib.suppress(OSError, ValueError), pipe:
         while chunk := os.read(pipe.fileno(), _RELAY_CHUNK):
             sock.sendall(chunk)
 

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Mapping
 
 from . import _serialize
-from ._errors import RankFailed, RankTraceback, add_note
+from ._errors import TEMPLATE_ENDED, RankFailed, RankTraceback, add_note
 from ._protocol import Failed
 from ._supervisor import Outcome
 
@@ -48,10 +48,13 @@ def _exception_of(
     error: BaseException = RankFailed(outcome.rank, reply.type_name, reply.message,
                                       reply.traceback)
     if reply.error is not None:
-        # Its class may live in a module only the rank can import: then RankFailed, which
-        # keeps the type's name, the message and the traceback, stands in for it.
+        # Its class may live in a module only the rank can import, or its __reduce__ may
+        # rebuild something else here: then RankFailed, which keeps the type's name, the
+        # message and the traceback, stands in for it.
         with contextlib.suppress(Exception):
-            error = _serialize.loads(reply.error)
+            rebuilt = _serialize.loads(reply.error)
+            if isinstance(rebuilt, BaseException):
+                error = rebuilt
     verb = "raised" if reply.during == "running the function" else f"failed while {reply.during}"
     header = "" if hasattr(error, "add_note") else f"{verb} on {where}:\n"  # 3.10: no notes
     error.__cause__ = RankTraceback(header + reply.traceback)
@@ -61,8 +64,11 @@ def _exception_of(
 
 def _summary(outcome: Outcome) -> str:
     if outcome.crash is not None:
-        how = outcome.crash.signal_name or f"exit code {outcome.crash.exitcode}"
-        text = f"ended ({how})"
+        if outcome.crash.exitcode == TEMPLATE_ENDED:
+            text = "ended with its template"
+        else:
+            how = outcome.crash.signal_name or f"exit code {outcome.crash.exitcode}"
+            text = f"ended ({how})"
     else:
         assert isinstance(outcome.reply, Failed)
         text = f"{outcome.reply.type_name}: {outcome.reply.message}".rstrip(": ")

@@ -18,7 +18,9 @@ sends messages instead, and "its process group" is its job object (see ``_portab
 
 Escalation starts when a rank fails (the others are stopped at once: a peer blocked in a
 Gloo or NCCL collective would otherwise wait for it forever), on ``timeout``, and on an
-interrupt of the kernel; a second interrupt skips to SIGKILL.
+interrupt of the kernel; a second interrupt skips to SIGKILL. A rank that is still starting
+runs none of the user's code, only ranks' own (and Python's): it skips SIGINT, whose
+KeyboardInterrupt traceback from that code would only clutter the cell.
 
 What a wait ends with is an :class:`Outcome` per rank; ``_report`` turns those into the
 exception the cell shows.
@@ -130,6 +132,7 @@ class Supervisor:
             end.setblocking(False)
         self._interrupts_seen = 0
         self._closed = False
+        self._first_step = 0  # of the escalation, in the current wait: see the docstring
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -317,6 +320,7 @@ class Supervisor:
         interrupted = False
         timed_out: RanksTimeout | None = None
         self._signalled.clear()
+        self._first_step = 1 if expect is Ready else 0
         with self._interrupts_as_messages():
             while pending:
                 if deadline is not None and timed_out is None and time.monotonic() >= deadline:
@@ -559,6 +563,7 @@ class Supervisor:
     ) -> None:
         """Start (or speed up) stopping these ranks, beginning at ``_ESCALATION[first_step]``."""
         now = time.monotonic()
+        first_step = max(first_step, self._first_step)
         for rank in ranks:
             step, _ = self._escalating.get(rank, (0, now))
             if rank in self._escalating and step > first_step:

@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
+from ._errors import TEMPLATE_ENDED
 from ._lifeline import watch_parent
 from ._placement import RankSpec
 from ._portable import PortableStart
@@ -252,8 +253,8 @@ def _read_status(exit_read: int) -> int:
     with contextlib.suppress(OSError):
         data = os.read(exit_read, 4)
     if len(data) < 4:
-        # The template died before it could report: its ranks got the parent-death signal.
-        return -signal.SIGKILL
+        # The template died before it could report: its ranks' watchers ended them.
+        return TEMPLATE_ENDED
     return int(os.waitstatus_to_exitcode(struct.unpack("i", data)[0]))
 
 

@@ -466,10 +466,23 @@ def _failure(call_id: int | None, error: BaseException, during: str, skip: int) 
     payload: bytes | None
     try:
         payload = _serialize.dumps(error)
-        _serialize.loads(payload)  # exceptions whose __init__ takes other args fail only here
+        # Exceptions whose __init__ takes other args fail only here; a __reduce__ may also
+        # rebuild something that is no exception at all.
+        if not isinstance(_serialize.loads(payload), BaseException):
+            payload = None
     except BaseException:
         payload = None
-    return Failed(call_id, payload, type(error).__qualname__, str(error), text, during, at)
+    return Failed(call_id, payload, type(error).__qualname__, _message_of(error), text, during,
+                  at)
+
+
+def _message_of(error: BaseException) -> str:
+    """``str(error)``, or what the traceback module prints where the user's ``__str__``
+    raises: such an exception must be reported, not end the rank."""
+    try:
+        return str(error)
+    except BaseException:
+        return "<exception str() failed>"
 
 
 def _exit_as_asked(request: SystemExit) -> NoReturn:

@@ -9,6 +9,11 @@ A World whose rank died is *broken*: its remaining ranks are stopped (their peer
 collective would wait forever) and every later call says so instead of hanging. A World
 is closed by ``close()``, by ``with``, when it is garbage-collected, or at interpreter exit
 (``weakref.finalize``), and closing twice is safe.
+
+A World may be used from several threads (a cell that trains, a thread that watches): its
+calls are serialised. One that finds another thread's call running waits for it to end; its
+``timeout`` counts that wait, and an interrupt ends the wait. ``close()`` and ``status()``
+wait their turn too, so none of them ever sees a call half done.
 """
 
 from __future__ import annotations
@@ -18,20 +23,22 @@ import linecache
 import os
 import socket
 import sys
+import threading
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import _dataplane, _namespace, _notebook, _serialize
 from ._dataplane import Folders
-from ._errors import RanksError, WorldBroken, add_note
+from ._errors import RanksError, RanksTimeout, WorldBroken, add_note
 from ._placement import RankSpec, gpu_memory_by_pid, plan_ranks, visible_gpus
 from ._protocol import CallKind, Done, Init
 from ._report import build_error
-from ._supervisor import Supervisor, WaitResult
+from ._supervisor import INTERRUPT_POLL, Supervisor, WaitResult
 
 Output = Literal["all", "rank0", "none"] | Sequence[int]
 
@@ -42,6 +49,9 @@ TORCHRUN_VARIABLES = (
     "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
 )
 _exec_counter = itertools.count(1)
+# How long the finalizer, at interpreter exit, waits for a call that a daemon thread is
+# still in before it ends the ranks all the same.
+CLOSE_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +70,9 @@ class World:
     ``torch_dist=True`` creates the process group once (NCCL on GPUs, Gloo on CPUs) and
     keeps it until the World closes. ``env`` adds environment variables on every rank.
     Results that hold CUDA tensors arrive in the kernel as CPU tensors.
+
+    Calls from several threads run one at a time: a call waits while another thread's runs
+    (its ``timeout`` counts the wait); ``close()`` waits for a running call to end.
     """
 
     _one_shot = False
@@ -99,6 +112,10 @@ class World:
         self._sent_cells: set[str] = set()
         self._big_sent: dict[str, weakref.ref[Any]] = {}  # see _warn_if_resent
         self._big_warned: set[str] = set()
+        # Held by whichever thread uses the Supervisor, which is not thread-safe: two calls
+        # at once would read each other's replies. Reentrant: close() holds it and then
+        # runs the finalizer, which takes it too.
+        self._lock = threading.RLock()
         self._folders = Folders.create()
         if self._folders is not None:
             extra_env = {**extra_env, _dataplane.FOLDERS_VARIABLE: self._folders.as_variable()}
@@ -111,13 +128,19 @@ class World:
             if self._folders is not None:
                 self._folders.remove()
             raise
-        self._finalizer = weakref.finalize(self, _close, self._supervisor, self._folders)
+        self._finalizer = weakref.finalize(
+            self, _close_supervisor, self._lock, self._supervisor, self._folders)
         try:
             ready = self._supervisor.start(
                 lambda spec: Init(spec.rank, spec.world_size, spec.gpu, torch_dist, sys_path, cwd,
                                   self._supervisor.rendezvous_path),
                 timeout, shown, started,
             )
+        except KeyboardInterrupt:
+            self._finalizer()
+            # A fresh one: where the interrupt landed in ranks' start-up machinery (a launch,
+            # a connection) is no business of the user's, and the cell shows no such frames.
+            raise KeyboardInterrupt from None
         except BaseException:
             self._finalizer()
             raise
@@ -197,7 +220,12 @@ class World:
         return values if rank is None else values[0]
 
     def status(self) -> list[RankStatus]:
-        """One row per rank: pid, device, GPU memory in use (MiB) and state."""
+        """One row per rank: pid, device, GPU memory in use (MiB) and state (after the call
+        another thread is running, if any)."""
+        with self._turn(None, time.monotonic()):
+            return self._status()
+
+    def _status(self) -> list[RankStatus]:
         dead = set() if self.closed else set(self._supervisor.dead_ranks())
         memory = gpu_memory_by_pid()
         rows = []
@@ -215,13 +243,17 @@ class World:
         return self._supervisor.log_path(rank)
 
     def close(self) -> None:
-        """Stop every rank and release everything; safe to call again."""
-        self._finalizer()
+        """Stop every rank and release everything; safe to call again. A call that another
+        thread is running ends first."""
+        with self._turn(None, time.monotonic()):
+            self._finalizer()
 
     @property
     def broken(self) -> str | None:
         """Why this World can no longer be used (a rank ended), or None while it can."""
-        self._mark_broken_if_dead()
+        with self._turn(None, time.monotonic()):
+            if not self.closed:
+                self._mark_broken_if_dead()
         return self._broken
 
     @property
@@ -243,6 +275,15 @@ class World:
     def _call(
         self, kind: CallKind, payloads: dict[int, _serialize.Packed], timeout: float | None,
         shown: Callable[[int], bool], started: float | None = None,
+    ) -> list[Any]:
+        __tracebackhide__ = True
+        started = time.monotonic() if started is None else started
+        with self._turn(timeout, started):
+            return self._call_now(kind, payloads, timeout, shown, started)
+
+    def _call_now(
+        self, kind: CallKind, payloads: dict[int, _serialize.Packed], timeout: float | None,
+        shown: Callable[[int], bool], started: float,
     ) -> list[Any]:
         __tracebackhide__ = True
         if self.closed:
@@ -303,6 +344,29 @@ class World:
                     RuntimeWarning, stacklevel=3,
                 )
 
+    @contextmanager
+    def _turn(self, timeout: float | None, started: float) -> Iterator[None]:
+        """Hold the World while the block runs, once no other thread's call is running.
+
+        The wait wakes every INTERRUPT_POLL seconds: an interrupt that comes without a
+        signal (ipykernel on Windows) is raised only between waits. Out of ``timeout``
+        (counted from ``started``) before its turn, the call is given up: nothing was sent.
+        """
+        __tracebackhide__ = True
+        deadline = None if timeout is None else started + timeout
+        while True:
+            wait = INTERRUPT_POLL
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.monotonic()))
+            if self._lock.acquire(timeout=wait):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RanksTimeout(timeout or 0.0, {}, waited=True)
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     def _mark_broken_if_dead(self) -> list[int]:
         """The ranks that have ended; if any, the World is broken and the others are killed."""
         dead = self._supervisor.dead_ranks()
@@ -321,8 +385,13 @@ class World:
             error = result.timeout
         elif result.interrupted:
             error = KeyboardInterrupt()
-            if dead:
-                add_note(error, f"ranks: ranks {dead} did not stop in time and were killed")
+            # Those that had to be terminated or killed for it, while they ran a call: a
+            # rank still starting is ended at once, as it should be.
+            killed = sorted(rank for rank, outcome in result.outcomes.items()
+                            if outcome.crash is not None and outcome.crash.during != "starting"
+                            and outcome.stopped_by in ("SIGTERM", "SIGKILL"))
+            if killed:
+                add_note(error, f"ranks: ranks {killed} did not stop in time and were killed")
         if error is not None and dead and not self._one_shot:
             # Said by whichever error the cell shows: a timeout or an interrupt that had to
             # kill, as much as a crash, leaves the World unusable.
@@ -330,19 +399,29 @@ class World:
         return error
 
 
-def _close(supervisor: Supervisor, folders: Folders | None) -> None:
-    try:
-        supervisor.close()
-    finally:
-        if folders is not None:
-            folders.remove()  # results the kernel still holds stay mapped
-
-
 def _release_results(replies: Mapping[int, object]) -> None:
     """Results that will never be unpickled (the call failed): their files go now."""
     for reply in replies.values():
         if isinstance(reply, Done):
             _dataplane.release(reply.payload)
+
+
+def _close_supervisor(
+    lock: threading.RLock, supervisor: Supervisor, folders: Folders | None,
+) -> None:
+    """The World's finalizer: ``close()``, garbage collection, interpreter exit.
+
+    At exit a daemon thread may still be in a call: after CLOSE_WAIT its ranks are ended
+    all the same, since nothing of a World may outlive the interpreter.
+    """
+    held = lock.acquire(timeout=CLOSE_WAIT)
+    try:
+        supervisor.close()
+    finally:
+        if held:
+            lock.release()
+        if folders is not None:
+            folders.remove()  # results the kernel still holds stay mapped
 
 
 MAX_RANKS_WAITED = 15  # Windows before Python 3.13: see _check_world
