@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from kernel import KERNEL_PIDS, WINDOWS_KERNEL, Kernel, default_kernel
-from processes import ours, rank_processes
+from processes import made_by_another_session, rank_processes
 
 LEAK_GRACE = 5.0
 def _unexpected_children() -> list[psutil.Process]:
@@ -46,19 +46,6 @@ def _own_template_pid() -> int | None:
 def _shm_segments() -> set[str]:
     shm = Path("/dev/shm")
     return {p.name for p in shm.iterdir() if "ranks" in p.name} if shm.exists() else set()
-
-
-def _of_another_session(segment: str) -> bool:
-    """A data folder (``ranks-data-<pid>-...``) that a live process of another test session
-    or program on this machine made: not this test's to answer for."""
-    parts = segment.split("-")
-    if parts[:2] != ["ranks", "data"] or len(parts) < 3 or not parts[2].isdigit():
-        return False
-    try:
-        creator = psutil.Process(int(parts[2]))
-    except psutil.NoSuchProcess:
-        return False
-    return creator.status() != psutil.STATUS_ZOMBIE and not ours(creator)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -93,7 +80,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         t for t in set(threading.enumerate()) - threads_before
         if t.is_alive() and not t.name.startswith(("pytest_timeout", "IPythonHistory"))
     ]
-    new_shm = {s for s in _shm_segments() - shm_before if not _of_another_session(s)}
+    new_shm = {s for s in _shm_segments() - shm_before if not made_by_another_session(s)}
     for proc in ranks_left + children:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()

@@ -44,3 +44,16 @@ def rank_processes() -> list[psutil.Process]:
             if "ranks._template" in parent_cmdline or proc.info["ppid"] == 1:
                 found.append(proc)
     return found
+
+
+def made_by_another_session(name: str) -> bool:
+    """A data folder (``ranks-data-<pid>-...``) that a live process of another test session
+    or program on this machine made: not this session's to answer for."""
+    parts = name.split("-")
+    if parts[:2] != ["ranks", "data"] or len(parts) < 3 or not parts[2].isdigit():
+        return False
+    try:
+        creator = psutil.Process(int(parts[2]))
+        return creator.status() != psutil.STATUS_ZOMBIE and not ours(creator)
+    except psutil.NoSuchProcess:
+        return False

@@ -24,6 +24,7 @@ import cloudpickle
 import numpy as np
 import psutil
 import pytest
+from processes import made_by_another_session
 
 import ranks
 from ranks import _dataplane
@@ -40,7 +41,8 @@ def _leftovers() -> list[str]:
     """The data folders of ranks in /dev/shm and the spill folder."""
     found = []
     for root in ("/dev/shm", tempfile.gettempdir()):
-        found += [os.path.join(root, n) for n in os.listdir(root) if n.startswith("ranks-data-")]
+        found += [os.path.join(root, n) for n in os.listdir(root)
+                  if n.startswith("ranks-data-") and not made_by_another_session(n)]
     return found
 
 
