@@ -34,14 +34,13 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
-from . import _notebook, _protocol
+from . import _notebook, _protocol, _runtime_dir
 from ._errors import RankCrashed, RanksTimeout
 from ._output import OutputRouter, Sink, TerminalSink, new_log_dir
 from ._placement import RankSpec
@@ -123,9 +122,14 @@ class Supervisor:
         self._call_ids = itertools.count(1)
         self._shown: Callable[[int], bool] = lambda rank: True
         self.router = OutputRouter(new_log_dir(), _make_sink)
-        self._tmpdir = tempfile.mkdtemp(prefix="ranks-")
-        # See _interrupts_as_messages. A socket pair, not a pipe: Windows waits on sockets only.
-        self._interrupt_pipe = socket.socketpair()
+        self._tmpdir = _runtime_dir.new_dir("tmp-")
+        try:
+            # See _interrupts_as_messages. A socket pair, not a pipe: Windows waits on
+            # sockets only.
+            self._interrupt_pipe = socket.socketpair()
+        except BaseException:  # (EMFILE) no World, so no close() that would remove it
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            raise
         for end in self._interrupt_pipe:
             end.setblocking(False)
         self._interrupts_seen = 0
@@ -538,7 +542,8 @@ class Supervisor:
     def _record_death(self, proc: RankProcess, outcomes: dict[int, Outcome], during: str) -> None:
         rank = proc.spec.rank
         crash = RankCrashed(
-            rank, proc.pid, proc.reap(), proc.spec.describe(), self.router.tail(rank), during
+            rank, proc.pid, proc.reap(), proc.spec.describe(), self.router.tail(rank), during,
+            self.router.written_log(rank),
         )
         at = self._hung_up.get(rank, time.monotonic()) - DEATH_SEEN_LATE
         stopped_by = self._stopped_by(rank, at)
@@ -600,7 +605,8 @@ class Supervisor:
                     outcomes[rank] = Outcome(
                         rank,
                         crash=RankCrashed(rank, proc.pid, None, proc.spec.describe(),
-                                          self.router.tail(rank), "being stopped"),
+                                          self.router.tail(rank), "being stopped",
+                                          self.router.written_log(rank)),
                         stopped_by="SIGKILL", at=now,
                     )
 

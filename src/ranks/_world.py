@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from . import _notebook, _serialize
-from ._errors import RanksError, WorldBroken, add_note
+from ._errors import RanksError, RanksTimeout, WorldBroken, add_note
 from ._placement import RankSpec, gpu_memory_by_pid, plan_ranks, visible_gpus
 from ._protocol import CallKind, Done, Init
 from ._report import build_error
@@ -263,6 +263,11 @@ class World:
             error = KeyboardInterrupt()
             if dead:
                 add_note(error, f"ranks: ranks {dead} did not stop in time and were killed")
+        if error is not None:
+            self._supervisor.router.keep()  # the error may point at the logs
+        if isinstance(error, RanksTimeout):
+            add_note(error, f"ranks: all the ranks printed (until the kernel exits):"
+                     f" {self._supervisor.router.log_dir}")
         if error is not None and dead and not self._one_shot:
             # Said by whichever error the cell shows: a timeout or an interrupt that had to
             # kill, as much as a crash, leaves the World unusable.
