@@ -15,7 +15,7 @@ warning names it, and this process takes a fresh root from ``mkdtemp`` instead. 
 root every name is made fresh (``mkdir``, ``mkdtemp``), and logs are opened without
 following a symlink and without blocking on a FIFO (:func:`open_log`).
 
-Clean-up: a process removes its folder when it ends: at interpreter exit (atexit), or, in
+Clean-up: a process removes its folder when it ends: at interpreter exit (a finalizer), or, in
 a rank, which ends with ``os._exit``, just before that (``_worker``). A killed process
 cannot: the first World of a later process of the same user removes the folders of
 processes that are gone. The folder's name says whose it is: the pid, the process's start
@@ -30,7 +30,6 @@ so there only the not-a-symlink check applies.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import getpass
 import os
@@ -39,6 +38,8 @@ import stat
 import tempfile
 import threading
 import warnings
+import weakref
+from collections.abc import Iterable
 from typing import IO
 
 _HAS_UIDS = hasattr(os, "getuid")
@@ -54,6 +55,13 @@ _folder: str | None = None
 _owner: int | None = None  # the pid _folder belongs to: a forked child makes its own
 _fallback_root: str | None = None  # this process's own root, when the shared one was refused
 _exit_hook_for: int | None = None
+
+
+class _Anchor:
+    """Lives as long as the module: what the exit finalizer hangs on."""
+
+
+_exit_anchor = _Anchor()
 
 
 def process_dir() -> str:
@@ -80,8 +88,11 @@ def process_dir() -> str:
             if problem is not None:
                 raise RuntimeError(f"ranks cannot use {path}: {problem}") from None
         _folder, _owner = path, pid
-        if _exit_hook_for != pid:
-            atexit.register(remove_process_dir)  # with the first use, not at import
+        if _exit_hook_for != pid:  # with the first use, not at import
+            # A finalizer, not atexit: at exit finalizers run newest first, so every World
+            # (each closed by its own finalizer, made after this one) has closed, and
+            # written its last output, before its logs go.
+            weakref.finalize(_exit_anchor, remove_process_dir)
             _exit_hook_for = pid
         return path
 
@@ -104,6 +115,21 @@ def open_log(path: str) -> IO[bytes]:
     except BaseException:
         os.close(fd)
         raise
+
+
+def remove_dir(path: str, files: Iterable[str]) -> None:
+    """Remove the folder ``path``, its ``files`` known by name first: unlink and rmdir take
+    no fd, so this works out of fds too (EMFILE), where rmtree, which must open the folder
+    to list it, fails. rmtree takes what else it holds."""
+    for file in files:
+        with contextlib.suppress(OSError):
+            os.unlink(file)
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def remove_process_dir() -> None:
@@ -131,7 +157,8 @@ def remove_leftovers(root: str) -> None:
             with contextlib.suppress(OSError):
                 if pid == os.getpid() or _start_time(pid) == started:
                     continue  # alive (the same pid started at another time is another)
-                if _untrusted(entry.path) is None:
+                info = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
                     shutil.rmtree(entry.path, ignore_errors=True)
 
 

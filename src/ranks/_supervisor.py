@@ -30,7 +30,6 @@ import contextlib
 import itertools
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -128,7 +127,7 @@ class Supervisor:
             # sockets only.
             self._interrupt_pipe = socket.socketpair()
         except BaseException:  # (EMFILE) no World, so no close() that would remove it
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            _runtime_dir.remove_dir(self._tmpdir, ())
             raise
         for end in self._interrupt_pipe:
             end.setblocking(False)
@@ -152,8 +151,7 @@ class Supervisor:
         deadline = None if timeout is None else started + timeout
         self._shown = shown
         requests = [
-            (spec, self._envs[spec.rank], self._cwd,
-             os.path.join(self._tmpdir, f"stacks-{spec.rank}.txt"))
+            (spec, self._envs[spec.rank], self._cwd, self._stacks_path(spec.rank))
             for spec in self.specs
         ]
 
@@ -195,19 +193,21 @@ class Supervisor:
                 proc.signal_tree(KILL)
         finally:
             # Whatever happened above: nothing of this World outlives its close.
-            for proc in self._procs.values():
-                proc.signal_tree(KILL)  # children a rank left behind
-                if proc.alive and _wait_for([proc.sentinel], KILL_GRACE):
-                    proc.reap()  # not left a zombie (an interrupted close, a stuck rank)
-                for stream in list(proc.output):
-                    self._read_output(proc, stream)
-                proc.release()
-            self.router.end_call()
-            self.router.close()
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            for end in self._interrupt_pipe:
-                end.close()
-            settle_closed_templates()
+            try:
+                for proc in self._procs.values():
+                    proc.signal_tree(KILL)  # children a rank left behind
+                    if proc.alive and _wait_for([proc.sentinel], KILL_GRACE):
+                        proc.reap()  # not left a zombie (an interrupted close, a stuck rank)
+                    for stream in list(proc.output):
+                        self._read_output(proc, stream)
+                    proc.release()
+                self.router.end_call()
+                self.router.close()  # out of fds (EMFILE) a log may fail to open here
+            finally:
+                _runtime_dir.remove_dir(self._tmpdir, self._tmp_names())
+                for end in self._interrupt_pipe:
+                    end.close()
+                settle_closed_templates()
         if interrupted:
             raise KeyboardInterrupt
 
@@ -251,6 +251,13 @@ class Supervisor:
     def rendezvous_path(self) -> str:
         """Where ranks meet for torch_dist=True: a file only this user can reach."""
         return os.path.join(self._tmpdir, "rendezvous")
+
+    def _stacks_path(self, rank: int) -> str:
+        return os.path.join(self._tmpdir, f"stacks-{rank}.txt")
+
+    def _tmp_names(self) -> list[str]:
+        """What this World puts in its temporary folder."""
+        return [self.rendezvous_path, *(self._stacks_path(s.rank) for s in self.specs)]
 
     def log_path(self, rank: int) -> str:
         return self.router.log_path(rank)
