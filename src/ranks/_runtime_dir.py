@@ -8,15 +8,17 @@
                                       removed when the World closes (``_supervisor``)
 
 Trust: the root is reused only if ``lstat`` shows a real folder (not a symlink), owned by
-the user, with no group or other access; that is how pytest checks its ``pytest-of-<user>``
+the user, with no group or other access: the check pytest makes of its ``pytest-of-<user>``
 root (``_pytest/tmpdir.py``). A root that fails (another local user made it first, to read
 the ranks' output or to plant a symlink or a FIFO where ranks writes) is not used: a
-warning names it, and this process takes a fresh root from ``mkdtemp`` instead. Below the
-root every name is made fresh (``mkdir``, ``mkdtemp``), and logs are opened without
-following a symlink and without blocking on a FIFO (:func:`open_log`).
+warning names it, and this process takes a fresh root from ``mkdtemp`` (left to the
+system's temp cleaning if the process is killed). pytest stops there instead; ranks goes
+on, or anyone could turn it off for a user by making that folder first. Below the root
+every name is made fresh (``mkdir``, ``mkdtemp``), and logs are opened without following a
+symlink and without blocking on a FIFO (:func:`open_log`).
 
-Clean-up: a process removes its folder when it ends: at interpreter exit (a finalizer), or, in
-a rank, which ends with ``os._exit``, just before that (``_worker``). A killed process
+Clean-up: a process removes its folder when it ends: at interpreter exit (a finalizer), or,
+in a rank, which ends with ``os._exit``, just before that (``_worker``). A killed process
 cannot: the first World of a later process of the same user removes the folders of
 processes that are gone. The folder's name says whose it is: the pid, the process's start
 time (a reused pid has another) and its pid namespace (a container sharing the temp
@@ -81,9 +83,9 @@ def process_dir() -> str:
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
-            # Our own name (pid and start time) in our own root: a folder of ours, made by
-            # this process before a fork reset our state, or a pid reused where start times
-            # cannot be read. Still checked: it must be a folder of ours.
+            # Our own name in our own root: where start times cannot be read (macOS,
+            # Windows), that of a killed process whose pid we got. Ours to reuse, if it is
+            # a folder of ours.
             problem = _untrusted(path)
             if problem is not None:
                 raise RuntimeError(f"ranks cannot use {path}: {problem}") from None
@@ -109,7 +111,7 @@ def open_log(path: str) -> IO[bytes]:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"ranks will not write its log to {path}: not a regular file")
-        if hasattr(os, "set_blocking"):
+        if hasattr(os, "O_NONBLOCK"):
             os.set_blocking(fd, True)  # O_NONBLOCK was for the open only
         return os.fdopen(fd, "ab")
     except BaseException:
