@@ -3,13 +3,19 @@
 Every test is followed by a leak check: a rank process (anything running ``ranks._worker``)
 still alive, a child of the test process that no fixture owns, a new thread in the test
 process, or a ``/dev/shm`` segment named like ranks, fails the test that left it (after a
-short grace for processes that are already on their way out) and is cleaned up.
+short grace for processes that are already on their way out) and is cleaned up. So do files
+of ranks left on disk where nothing may remain: anything of a kernel that exited normally,
+and a World's temporary folder (``tmp-*``) in this process's folder (only a closed World's
+can be new: an open one outlives the test only in a fixture made before it). A killed
+kernel's files are not a leak: the next ranks start removes them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +23,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from kernel import KERNEL_PIDS, WINDOWS_KERNEL, Kernel, default_kernel
+from kernel import EXITED_NORMALLY, KERNEL_PIDS, WINDOWS_KERNEL, Kernel, default_kernel
 from processes import made_by_another_session, rank_processes
 
 LEAK_GRACE = 5.0
@@ -48,6 +54,22 @@ def _shm_segments() -> set[str]:
     return {p.name for p in shm.iterdir() if "ranks" in p.name} if shm.exists() else set()
 
 
+def _ranks_files() -> set[Path]:
+    """Under this user's ranks root in the default temp folder: the folders of processes
+    that exited normally, and the World temp folders of this process."""
+    root = Path(tempfile.gettempdir()) / f"ranks-{os.getuid()}"
+    if not root.is_dir():
+        return set()
+    left = set()
+    for folder in root.iterdir():
+        pid = folder.name.partition("-")[0]
+        if pid.isdigit() and int(pid) in EXITED_NORMALLY:
+            left.add(folder)
+        elif pid == str(os.getpid()):
+            left |= set(folder.glob("tmp-*"))
+    return left
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """With RANKS_TEST_KERNEL=windows only the tests that drive a kernel concern Windows:
     the others run this interpreter, as in the suite's other passes."""
@@ -62,6 +84,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     threads_before = set(threading.enumerate())
     shm_before = _shm_segments()
+    files_before = _ranks_files()
     yield
     if request.node.get_closest_marker("kills_kernel"):
         # A killed kernel cannot remove its data folders: the next start of ranks on the
@@ -81,6 +104,7 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         if t.is_alive() and not t.name.startswith(("pytest_timeout", "IPythonHistory"))
     ]
     new_shm = {s for s in _shm_segments() - shm_before if not made_by_another_session(s)}
+    new_files = _ranks_files() - files_before
     for proc in ranks_left + children:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
@@ -93,6 +117,10 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
         problems.append(f"threads left running: {[t.name for t in new_threads]}")
     if new_shm:
         problems.append(f"shared memory left: {sorted(new_shm)}")
+    if new_files:
+        problems.append(f"files of ranks left on disk: {sorted(map(str, new_files))}")
+        for path in new_files:
+            shutil.rmtree(path, ignore_errors=True)
     assert not problems, "; ".join(problems)
 
 
@@ -113,14 +141,4 @@ def fresh_kernel(tmp_path: Path) -> Iterator[Kernel]:
     k = default_kernel(str(tmp_path))
     k.workdir = tmp_path  # type: ignore[attr-defined]
     yield k
-    # Read before shutting down: the provisioner forgets its process then (and has already
-    # forgotten it when the test shut the kernel down itself).
-    process = getattr(k.manager.provisioner, "process", None)
-    if process is None:
-        return
-    if psutil.pid_exists(process.pid):
-        try:
-            k.shutdown()
-        except Exception:
-            os.kill(process.pid, 9)
-    KERNEL_PIDS.discard(process.pid)
+    k.close()

@@ -27,6 +27,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # Kernels started by the fixtures: the leak check knows these are expected to live.
 KERNEL_PIDS: set[int] = set()
+# Kernels that exited normally on shutdown: the leak check knows nothing of theirs may
+# remain on disk (a killed kernel's files wait for the next ranks start).
+EXITED_NORMALLY: set[int] = set()
 
 # RANKS_TEST_KERNEL=windows: the fixtures' kernels run on Windows CPython under Wine, as
 # scripts/windows-python.sh prepares it in .windows/ (see tests/test_windows.py).
@@ -214,11 +217,30 @@ class Kernel:
         assert isinstance(cell, Cell)
         return cell, done["at"] - interrupted
 
+    def close(self) -> None:
+        """Shut the kernel down if it still runs (killed if that fails); safe to call again."""
+        # Read before shutting down: the provisioner forgets its process then (and has
+        # already forgotten it when the test shut the kernel down itself).
+        process = getattr(self.manager.provisioner, "process", None)
+        if process is None:
+            return
+        if process.poll() is None:
+            try:
+                self.shutdown()
+            except Exception:
+                os.kill(process.pid, 9)
+        else:
+            self.client.stop_channels()  # a killed kernel's: their threads would linger
+        KERNEL_PIDS.discard(process.pid)
+
     def shutdown(self) -> None:
         pid = self.pid
+        process = self.manager.provisioner.process  # type: ignore[union-attr]
         self.client.stop_channels()
         self.manager.shutdown_kernel(now=False)
         KERNEL_PIDS.discard(pid)
+        if process.poll() == 0:
+            EXITED_NORMALLY.add(pid)
         if self._output_drain is not None:
             self._output_drain.join(10)
 

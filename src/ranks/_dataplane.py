@@ -46,6 +46,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from . import _runtime_dir
 from ._serialize import Packed, loads, pack
 
 log = logging.getLogger("ranks")
@@ -60,6 +61,7 @@ _MAGIC = b"RKS\x05"
 _ALIGN = 64  # numpy's and torch's preferred alignment for what they rebuild on a view
 # Room kept free on /dev/shm beyond a call's own buffers: other programs use it too.
 _HEADROOM = 64 << 20
+_PREFIX = "ranks-data-"
 _names = itertools.count(1)
 _spill_said = False
 _swept = False
@@ -201,8 +203,7 @@ def sweep() -> None:
         except OSError:
             continue
         for entry in entries:
-            owner = _owner_of(entry.name)
-            if owner is None or _alive(*owner):
+            if not _maker_is_gone(entry.name):
                 continue
             with contextlib.suppress(OSError):
                 if entry.is_dir(follow_symlinks=False) and entry.stat(
@@ -220,37 +221,12 @@ def _spill_root() -> str:
 
 
 def _prefix() -> str:
-    # The creator's pid and start time: a later process can tell whether it is gone, even
-    # where pids are reused (containers, PID namespaces).
-    return f"ranks-data-{os.getpid()}-{_start_time(os.getpid())}-"
+    # Whose folder it is, as _runtime_dir names a process: a later process can tell
+    # whether its maker is gone, even where pids are reused (containers, PID namespaces).
+    return f"{_PREFIX}{_runtime_dir.process_tag()}-"
 
 
-def _owner_of(name: str) -> tuple[int, int] | None:
-    parts = name.split("-")
-    if len(parts) < 5 or parts[:2] != ["ranks", "data"]:
-        return None
-    try:
-        return int(parts[2]), int(parts[3])
-    except ValueError:
-        return None
-
-
-def _alive(pid: int, start: int) -> bool:
-    try:
-        state, started = _stat(pid)
-    except (OSError, IndexError, ValueError):
+def _maker_is_gone(name: str) -> bool:
+    if not name.startswith(_PREFIX):
         return False
-    return started == start and state != b"Z"  # a zombie holds nothing any more
-
-
-def _start_time(pid: int) -> int:
-    return _stat(pid)[1]
-
-
-def _stat(pid: int) -> tuple[bytes, int]:
-    """The process's state and start time in clock ticks since boot (fields 3 and 22 of
-    /proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat", "rb") as stat:
-        # The command name (field 2) may hold spaces and parentheses: split after its end.
-        fields = stat.read().rsplit(b")", 1)[1].split()
-    return fields[0], int(fields[19])
+    return _runtime_dir.tag_is_gone(name[len(_PREFIX):].rpartition("-")[0])

@@ -55,6 +55,7 @@ class RankCrashed(RanksError):
         device: str = "cpu",
         last_lines: Sequence[str] = (),
         during: str = "running the function",
+        log_path: str | None = None,
     ) -> None:
         self.rank = rank
         self.pid = pid
@@ -62,6 +63,7 @@ class RankCrashed(RanksError):
         self.device = device
         self.last_lines = tuple(last_lines)
         self.during = during
+        self.log_path = log_path  # everything it printed, kept until the kernel exits
         super().__init__(self._message())
 
     @property
@@ -106,12 +108,15 @@ class RankCrashed(RanksError):
             text += "\nLast lines it printed:\n" + _tail(self.last_lines)
         else:
             text += "\nIt printed nothing before it ended."
+        if self.log_path is not None:
+            text += f"\nAll it printed (until the kernel exits): {self.log_path}"
         return text
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             type(self),
-            (self.rank, self.pid, self.exitcode, self.device, self.last_lines, self.during),
+            (self.rank, self.pid, self.exitcode, self.device, self.last_lines, self.during,
+             self.log_path),
         )
 
 

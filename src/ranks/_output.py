@@ -26,19 +26,18 @@ are per process, so a background thread printing while a later call runs shows t
 
 from __future__ import annotations
 
-import atexit
 import codecs
 import contextlib
-import getpass
 import itertools
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
 from typing import IO, Protocol
+
+from . import _runtime_dir
 
 TAIL_LINES = 30
 LOG_HOLD_BYTES = 1 << 20  # an unfinished line longer than this goes to the log as it is
@@ -194,8 +193,21 @@ class OutputRouter:
         # writes a line's text and its newline apart).
         self._unlogged: dict[tuple[int, str], bytes] = {}
 
+    @property
+    def log_dir(self) -> str:
+        return self._log_dir
+
     def log_path(self, rank: int) -> str:
         return os.path.join(self._log_dir, f"rank-{rank}.log")
+
+    def written_log(self, rank: int) -> str | None:
+        """The rank's log, if it has written anything (the file is made on first output)."""
+        path = self.log_path(rank)
+        return path if os.path.exists(path) else None
+
+    def keep(self) -> None:
+        """A call of this World failed: its logs stay until the process exits."""
+        _kept_log_dirs.add(self._log_dir)
 
     def begin_call(self, shown: Callable[[int], bool]) -> None:
         # Lines left unfinished between calls go to the log: this call's cell is not theirs.
@@ -293,37 +305,26 @@ class OutputRouter:
     def _log(self, rank: int) -> IO[bytes]:
         log = self._logs.get(rank)
         if log is None:
-            log = self._logs[rank] = open(self.log_path(rank), "ab")  # noqa: SIM115
+            log = self._logs[rank] = _runtime_dir.open_log(self.log_path(rank))
         return log
 
 
 _log_dirs: deque[str] = deque()
+_kept_log_dirs: set[str] = set()  # of Worlds with a failed call: kept until exit
 _log_numbers = itertools.count(1)
 
 
 def new_log_dir() -> str:
-    """A folder for one World's rank logs; this process keeps the last KEEP_LOG_DIRS.
+    """A folder for one World's rank logs; this process keeps the last KEEP_LOG_DIRS, and
+    those of failed calls, until it exits (see ``_runtime_dir``).
 
-    The logs must outlive a one-shot call (a flood's summary points at them), so they are
-    removed when newer Worlds push them out and at interpreter exit, not at close.
+    The logs must outlive a one-shot call (a flood's summary, an error, points at them),
+    so they are removed when newer Worlds push them out and at exit, not at close.
     """
-    if not _log_dirs:
-        # Registered with the first World, not at import (importing ranks has no effects).
-        atexit.register(_remove_log_dirs)
-    # Per user: Windows has no uid, and its temp folder is the user's own already.
-    user = os.getuid() if hasattr(os, "getuid") else getpass.getuser()
-    root = os.path.join(tempfile.gettempdir(), f"ranks-logs-{user}")
-    os.makedirs(root, mode=0o700, exist_ok=True)
-    # mkdtemp, not a fixed name: pids are reused (in containers and PID namespaces most of
-    # all), and a kernel that was killed never removed its folders.
-    path = tempfile.mkdtemp(prefix=f"kernel-{os.getpid()}-world-{next(_log_numbers)}-",
-                            dir=root)
+    path = _runtime_dir.new_dir(f"world-{next(_log_numbers)}-")
     _log_dirs.append(path)
     while len(_log_dirs) > KEEP_LOG_DIRS:
-        shutil.rmtree(_log_dirs.popleft(), ignore_errors=True)
+        old = _log_dirs.popleft()
+        if old not in _kept_log_dirs:
+            shutil.rmtree(old, ignore_errors=True)
     return path
-
-
-def _remove_log_dirs() -> None:
-    while _log_dirs:
-        shutil.rmtree(_log_dirs.popleft(), ignore_errors=True)

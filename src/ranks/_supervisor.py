@@ -32,18 +32,16 @@ import contextlib
 import itertools
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
-from . import _notebook, _protocol
+from . import _notebook, _protocol, _runtime_dir
 from ._errors import RankCrashed, RanksTimeout
 from ._output import OutputRouter, Sink, TerminalSink, new_log_dir
 from ._placement import RankSpec
@@ -125,9 +123,14 @@ class Supervisor:
         self._call_ids = itertools.count(1)
         self._shown: Callable[[int], bool] = lambda rank: True
         self.router = OutputRouter(new_log_dir(), _make_sink)
-        self._tmpdir = tempfile.mkdtemp(prefix="ranks-")
-        # See _interrupts_as_messages. A socket pair, not a pipe: Windows waits on sockets only.
-        self._interrupt_pipe = socket.socketpair()
+        self._tmpdir = _runtime_dir.new_dir("tmp-")
+        try:
+            # See _interrupts_as_messages. A socket pair, not a pipe: Windows waits on
+            # sockets only.
+            self._interrupt_pipe = socket.socketpair()
+        except BaseException:  # (EMFILE) no World, so no close() that would remove it
+            _runtime_dir.remove_dir(self._tmpdir, ())
+            raise
         for end in self._interrupt_pipe:
             end.setblocking(False)
         self._interrupts_seen = 0
@@ -151,8 +154,7 @@ class Supervisor:
         deadline = None if timeout is None else started + timeout
         self._shown = shown
         requests = [
-            (spec, self._envs[spec.rank], self._cwd,
-             os.path.join(self._tmpdir, f"stacks-{spec.rank}.txt"))
+            (spec, self._envs[spec.rank], self._cwd, self._stacks_path(spec.rank))
             for spec in self.specs
         ]
 
@@ -194,19 +196,21 @@ class Supervisor:
                 proc.signal_tree(KILL)
         finally:
             # Whatever happened above: nothing of this World outlives its close.
-            for proc in self._procs.values():
-                proc.signal_tree(KILL)  # children a rank left behind
-                if proc.alive and _wait_for([proc.sentinel], KILL_GRACE):
-                    proc.reap()  # not left a zombie (an interrupted close, a stuck rank)
-                for stream in list(proc.output):
-                    self._read_output(proc, stream)
-                proc.release()
-            self.router.end_call()
-            self.router.close()
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            for end in self._interrupt_pipe:
-                end.close()
-            settle_closed_templates()
+            try:
+                for proc in self._procs.values():
+                    proc.signal_tree(KILL)  # children a rank left behind
+                    if proc.alive and _wait_for([proc.sentinel], KILL_GRACE):
+                        proc.reap()  # not left a zombie (an interrupted close, a stuck rank)
+                    for stream in list(proc.output):
+                        self._read_output(proc, stream)
+                    proc.release()
+                self.router.end_call()
+                self.router.close()  # out of fds (EMFILE) a log may fail to open here
+            finally:
+                _runtime_dir.remove_dir(self._tmpdir, self._tmp_names())
+                for end in self._interrupt_pipe:
+                    end.close()
+                settle_closed_templates()
         if interrupted:
             raise KeyboardInterrupt
 
@@ -250,6 +254,13 @@ class Supervisor:
     def rendezvous_path(self) -> str:
         """Where ranks meet for torch_dist=True: a file only this user can reach."""
         return os.path.join(self._tmpdir, "rendezvous")
+
+    def _stacks_path(self, rank: int) -> str:
+        return os.path.join(self._tmpdir, f"stacks-{rank}.txt")
+
+    def _tmp_names(self) -> list[str]:
+        """What this World puts in its temporary folder."""
+        return [self.rendezvous_path, *(self._stacks_path(s.rank) for s in self.specs)]
 
     def log_path(self, rank: int) -> str:
         return self.router.log_path(rank)
@@ -542,7 +553,8 @@ class Supervisor:
     def _record_death(self, proc: RankProcess, outcomes: dict[int, Outcome], during: str) -> None:
         rank = proc.spec.rank
         crash = RankCrashed(
-            rank, proc.pid, proc.reap(), proc.spec.describe(), self.router.tail(rank), during
+            rank, proc.pid, proc.reap(), proc.spec.describe(), self.router.tail(rank), during,
+            self.router.written_log(rank),
         )
         at = self._hung_up.get(rank, time.monotonic()) - DEATH_SEEN_LATE
         stopped_by = self._stopped_by(rank, at)
@@ -605,7 +617,8 @@ class Supervisor:
                     outcomes[rank] = Outcome(
                         rank,
                         crash=RankCrashed(rank, proc.pid, None, proc.spec.describe(),
-                                          self.router.tail(rank), "being stopped"),
+                                          self.router.tail(rank), "being stopped",
+                                          self.router.written_log(rank)),
                         stopped_by="SIGKILL", at=now,
                     )
 

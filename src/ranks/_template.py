@@ -47,7 +47,6 @@ import struct
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 import time
 import traceback
@@ -55,6 +54,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
+from . import _runtime_dir
 from ._errors import TEMPLATE_ENDED
 from ._lifeline import watch_parent
 from ._placement import RankSpec
@@ -114,7 +114,7 @@ class Template:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             boot = _BOOT.format(parent=PACKAGE_PARENT)
-            with open(self.log_path, "ab") as log_file:  # its own failures, for the user
+            with _runtime_dir.open_log(self.log_path) as log_file:  # its failures, for the user
                 self._popen = subprocess.Popen(
                     [sys.executable, "-c", boot, str(theirs.fileno()), str(os.getpid())],
                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
@@ -524,10 +524,9 @@ def _register_exit_hook() -> None:
 
 
 def _template_log_path() -> str:
-    """Where the template's own output goes (import errors, a crash): next to rank logs."""
-    root = os.path.join(tempfile.gettempdir(), f"ranks-logs-{os.getuid()}")
-    os.makedirs(root, mode=0o700, exist_ok=True)
-    return os.path.join(root, f"template-of-kernel-{os.getpid()}.log")
+    """Where the template's own output goes (import errors, a crash): next to rank logs.
+    Kept while the kernel lives (its errors point at it), removed with the rest at exit."""
+    return os.path.join(_runtime_dir.process_dir(), "template.log")
 
 
 # --- template side -----------------------------------------------------------------------

@@ -46,7 +46,7 @@ from multiprocessing.connection import Connection, wait
 from types import TracebackType
 from typing import Any, NoReturn, TextIO
 
-from . import _context, _dataplane, _namespace, _protocol, _serialize
+from . import _context, _dataplane, _namespace, _protocol, _runtime_dir, _serialize
 from ._lifeline import die_with_parent, watch_parent
 from ._protocol import (
     Call,
@@ -128,7 +128,15 @@ def main(argv: list[str]) -> None:
                      name="ranks-control").start()
     _serve(conn, commands)
     _tear_down()
-    os._exit(0)  # skip interpreter teardown: threads of libraries (NCCL, Gloo) can hang it
+    _leave(0)
+
+
+def _leave(status: int) -> NoReturn:
+    """End the rank with ``os._exit``: interpreter teardown is skipped, as threads of
+    libraries (NCCL, Gloo) can hang it. atexit handlers do not run then, so what the rank
+    wrote to disk itself (the logs of a ``ranks.run`` it made) is removed here."""
+    _runtime_dir.remove_process_dir()
+    os._exit(status)
 
 
 def _guard_descendants(parent_pidfd: int | None) -> None:
@@ -299,6 +307,7 @@ PARENT_POLL = 0.25
 def _end_with_kernel() -> NoReturn:
     """The kernel is gone (killed, restarted): take the rank's whole tree down, children
     the user's code started included. (On Windows the rank's job object does that.)"""
+    _runtime_dir.remove_process_dir()
     if hasattr(os, "killpg"):
         os.killpg(os.getpgrp(), signal.SIGKILL)
     os._exit(1)
@@ -498,7 +507,7 @@ def _exit_as_asked(request: SystemExit) -> NoReturn:
         print(code, file=sys.stderr)  # what Python does with sys.exit("message")
         status = 1
     _flush_all()
-    os._exit(status)
+    _leave(status)
 
 
 if __name__ == "__main__":  # pragma: no cover - started as `python -c` by the launcher

@@ -392,6 +392,11 @@ class World:
                             and outcome.stopped_by in ("SIGTERM", "SIGKILL"))
             if killed:
                 add_note(error, f"ranks: ranks {killed} did not stop in time and were killed")
+        if error is not None:
+            self._supervisor.router.keep()  # the error may point at the logs
+        if isinstance(error, RanksTimeout):
+            add_note(error, f"ranks: all the ranks printed (until the kernel exits):"
+                     f" {self._supervisor.router.log_dir}")
         if error is not None and dead and not self._one_shot:
             # Said by whichever error the cell shows: a timeout or an interrupt that had to
             # kill, as much as a crash, leaves the World unusable.
