@@ -117,12 +117,13 @@ class World:
         # runs the finalizer, which takes it too.
         self._lock = threading.RLock()
         self._folders = Folders.create()
-        if self._folders is not None:
-            extra_env = {**extra_env, _dataplane.FOLDERS_VARIABLE: self._folders.as_variable()}
-        envs = _rank_environments(specs, extra_env)
-        cwd = os.getcwd()
-        sys_path = _notebook.kernel_sys_path()
-        try:
+        try:  # until the finalizer owns them, the folders are removed here if the start fails
+            if self._folders is not None:
+                extra_env = {**extra_env,
+                             _dataplane.FOLDERS_VARIABLE: self._folders.as_variable()}
+            envs = _rank_environments(specs, extra_env)
+            cwd = os.getcwd()
+            sys_path = _notebook.kernel_sys_path()
             self._supervisor = Supervisor(specs, envs, cwd)
         except BaseException:
             if self._folders is not None:
