@@ -29,6 +29,7 @@ from ._errors import RanksError, WorldBroken, add_note
 from ._placement import RankSpec, gpu_memory_by_pid, plan_ranks, visible_gpus
 from ._protocol import CallKind, Done, Init
 from ._report import build_error
+from ._stacks import Stacks, hang_note
 from ._supervisor import Supervisor, WaitResult
 
 Output = Literal["all", "rank0", "none"] | Sequence[int]
@@ -183,6 +184,17 @@ class World:
             rows.append(RankStatus(spec.rank, pid, spec.describe(), memory.get(pid), state))
         return rows
 
+    def stacks(self) -> Stacks:
+        """The Python stack of every thread of every rank, taken without stopping them.
+
+        Shown with identical stacks once, labelled with the ranks that share them. Meant
+        for a call that hangs: it works from another thread while that call runs, and
+        between calls (ranks waiting for the next call show as idle).
+        """
+        if self.closed:
+            raise RanksError("this World is closed; start a new one")
+        return Stacks(self._supervisor.stacks())
+
     def log_path(self, rank: int) -> str:
         """The file holding everything ``rank`` printed (also what was not shown)."""
         return self._supervisor.log_path(rank)
@@ -263,6 +275,8 @@ class World:
             error = KeyboardInterrupt()
             if dead:
                 add_note(error, f"ranks: ranks {dead} did not stop in time and were killed")
+            if result.hung:
+                add_note(error, hang_note(result.hung))
         if error is not None and dead and not self._one_shot:
             # Said by whichever error the cell shows: a timeout or an interrupt that had to
             # kill, as much as a crash, leaves the World unusable.
