@@ -168,7 +168,7 @@ def hang_note(hung: Mapping[int, Sequence[ThreadStack]]) -> str:
     """The note an interrupted call's KeyboardInterrupt carries: where the ranks that did
     not stop at the interrupt were when they were forced to."""
     one = len(hung) == 1
-    return (f"ranks: {rank_label(hung)} had to be forced to stop: {'it' if one else 'they'}"
-            " did not stop at the interrupt (blocked in native code, such as a collective"
-            " whose peers had stopped, or ignoring SIGINT). Where"
-            f" {'it was' if one else 'they were'}:\n{Stacks(hung)}")
+    return (f"ranks: where {rank_label(hung)} {'was' if one else 'were'} when"
+            f" {'it' if one else 'they'} had to be forced to stop (code that ignores SIGINT,"
+            " or native code such as a collective whose peers have stopped, never sees"
+            f" the interrupt):\n{Stacks(hung)}")
