@@ -246,6 +246,19 @@ def test_stacks_magic_shows_a_rank_blocked_in_a_gloo_collective(nb: Kernel) -> N
         run(nb, "%ranks stop")
 
 
+@pytest.mark.timeout(60)
+def test_stacks_without_ranks_says_what_to_do(nb: Kernel) -> None:
+    for code, says in [("%ranks stacks", "no ranks are running: `%ranks start"),
+                       ("w = ranks.World(n=1)\nw.close()\nw.stacks()",
+                        "this World is closed; start a new one")]:
+        cell = nb.execute(code)
+        assert cell.error is not None and cell.error["ename"] == "RanksError", cell.traceback
+        assert cell.error["evalue"].startswith(says), cell.error["evalue"]
+    cell = nb.execute("%ranks start -n 1\n%ranks stacks now")
+    assert cell.error is not None and "takes no arguments" in cell.error["evalue"]
+    run(nb, "%ranks stop")
+
+
 @pytest.mark.timeout(120)
 def test_world_stacks_from_a_monitoring_thread_collapses_identical_ones(nb: Kernel) -> None:
     """World.stacks() from another thread while the call runs in the cell: four ranks
