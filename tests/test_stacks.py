@@ -11,14 +11,19 @@ shown once, idle ranks, and an interrupted call whose ranks sat in a collective.
 from __future__ import annotations
 
 import faulthandler
+import os
+import signal
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from kernel import Cell, Kernel
 
+import ranks
 from ranks._stacks import (
+    ENDED,
     IDLE,
     NO_ANSWER,
     Stacks,
@@ -26,6 +31,7 @@ from ranks._stacks import (
     hang_note,
     parse_dump,
     rank_label,
+    rank_text,
 )
 
 # --- the pure part: parsing and collapsing -----------------------------------------------
@@ -129,6 +135,18 @@ def test_threads_collapse_on_their_own_and_count_per_rank() -> None:
     ]
 
 
+def test_a_rank_that_ended_or_did_not_answer_says_so_without_threads() -> None:
+    by_rank = {0: parse_dump(IDLE_DUMP), 1: parse_dump(""), 2: parse_dump(""),
+               3: (ThreadStack(main=True, summary=ENDED),)}
+    assert str(Stacks(by_rank)).splitlines() == [
+        f"rank 0, main thread: {IDLE}", f"ranks 1-2: {NO_ANSWER}", f"rank 3: {ENDED}",
+    ]
+    # One rank's text, as RanksTimeout shows it under the rank's name.
+    assert rank_text(parse_dump("")) == NO_ANSWER
+    assert rank_text(parse_dump(busy_dump(4))) == (
+        'main thread (most recent call first):\n  File "/tmp/ipykernel_7/1.py", line 4 in step')
+
+
 def test_the_note_of_a_forced_interrupt_names_the_ranks() -> None:
     one = hang_note({3: parse_dump(busy_dump(4))})
     assert one.startswith("ranks: where rank 3 was when it had to be forced to stop (")
@@ -164,6 +182,43 @@ def test_a_real_faulthandler_dump_parses(tmp_path: Path) -> None:
     parked_frames = [t.frames for t in threads if any("in parked_here" in f for f in t.frames)]
     assert len(parked_frames) == 1, threads
     assert all(frame.startswith('File "') for frame in parked_frames[0]), threads
+
+
+# --- ranks.run called here (the same path as from a kernel's cell) ----------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_second_interrupt_kills_at_once_and_still_says_where_ranks_were(
+    tmp_path: Path,
+) -> None:
+    """Stop pressed twice skips to SIGKILL; the ranks' stacks are taken just before."""
+    def deaf(folder: str) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        open(os.path.join(folder, f"deaf-{os.environ['RANK']}"), "w").close()
+        time.sleep(600)
+
+    def interrupt_twice() -> None:
+        deadline = time.monotonic() + 30
+        while not all((tmp_path / f"deaf-{rank}").exists() for rank in range(2)):
+            if time.monotonic() > deadline:
+                break  # the call is not in its ranks' code: let its own error show
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_twice)
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt) as caught:
+            ranks.run(deaf, (str(tmp_path),), n=2)
+    finally:
+        interrupter.join(40)
+    notes = "\n".join(getattr(caught.value, "__notes__", []))
+    note = notes.split("ranks: where ranks 0-1 were when they had to be forced")[1]
+    where = note.split("the interrupt):\n")[1].splitlines()
+    assert where[0] == "ranks 0-1, main thread (most recent call first):", notes
+    assert where[1].endswith("in deaf"), notes
 
 
 # --- in a real kernel ---------------------------------------------------------------------

@@ -30,14 +30,17 @@ _BUSY = {"_execute", "_set_up_devices", "_tear_down"}
 _FRAME = re.compile(r'^\s*File "(?P<file>.*)", line (?:\d+|\?\?\?) in (?P<function>.*)$')
 
 IDLE = "idle (waiting for the next call)"
-NO_ANSWER = "no stack: the rank did not answer in time (native code holding the GIL?)"
+# What a rank as a whole says instead of its threads:
+NO_ANSWER = "no stack (the rank did not write one in time)"
 ENDED = "ended"
+_WHOLE_RANK = (NO_ANSWER, ENDED)
 
 
 @dataclass(frozen=True)
 class ThreadStack:
     """One thread of a rank: its frames as faulthandler wrote them (most recent call first),
-    or a ``summary`` said instead (:data:`IDLE`, :data:`NO_ANSWER`, :data:`ENDED`)."""
+    or a ``summary`` said instead (:data:`IDLE`; :data:`NO_ANSWER` and :data:`ENDED` stand
+    for the whole rank)."""
 
     main: bool
     frames: tuple[str, ...] = ()
@@ -47,7 +50,7 @@ class ThreadStack:
 def parse_dump(dump: str) -> tuple[ThreadStack, ...]:
     """A rank's faulthandler dump as its threads, main thread first; ranks' own dropped.
 
-    An empty dump (the rank never wrote it) is one main thread saying :data:`NO_ANSWER`.
+    An empty dump (the rank never wrote it) is one thread saying :data:`NO_ANSWER`.
     """
     if not dump.strip():
         return (ThreadStack(main=True, summary=NO_ANSWER),)
@@ -100,17 +103,22 @@ class StackGroup:
     threads: Mapping[int, int]  # rank -> how many of its threads have this stack
 
     def heading(self, with_ranks: bool = True) -> str:
+        """``ranks 0-3, main thread``: who has this stack (``with_ranks``) in which thread."""
+        parts = [rank_label(self.threads)] if with_ranks else []
+        if self.stack.summary not in _WHOLE_RANK:
+            parts.append(self._which_threads())
+        return ", ".join(parts)
+
+    def _which_threads(self) -> str:
         counts = set(self.threads.values())
         if self.stack.main:
-            which = "main thread"
-        elif counts == {1}:
-            which = "another thread"
-        elif len(counts) == 1:
+            return "main thread"
+        if counts == {1}:
+            return "another thread"
+        if len(counts) == 1:
             (count,) = counts
-            which = f"{count} threads" + (" each" if len(self.threads) > 1 else "")
-        else:
-            which = f"{sum(self.threads.values())} threads in all"
-        return f"{rank_label(self.threads)}, {which}" if with_ranks else which
+            return f"{count} threads" + (" each" if len(self.threads) > 1 else "")
+        return f"{sum(self.threads.values())} threads in all"
 
 
 def collapse(stacks: Mapping[int, Sequence[ThreadStack]]) -> list[StackGroup]:
@@ -131,7 +139,7 @@ def render(groups: Iterable[StackGroup], with_ranks: bool = True) -> str:
     for group in groups:
         heading, stack = group.heading(with_ranks), group.stack
         if stack.summary is not None:
-            parts.append(f"{heading}: {stack.summary}")
+            parts.append(f"{heading}: {stack.summary}" if heading else stack.summary)
         else:
             frames = "\n".join(f"  {frame}" for frame in stack.frames)
             parts.append(f"{heading} (most recent call first):\n{frames}")
@@ -143,6 +151,7 @@ def rank_text(threads: Sequence[ThreadStack]) -> str:
     return render(collapse({0: threads}), with_ranks=False)
 
 
+@dataclass(frozen=True, repr=False)
 class Stacks:
     """The live stacks of a World's ranks (``World.stacks()``, ``%ranks stacks``).
 
@@ -150,8 +159,7 @@ class Stacks:
     with identical stacks collapsed: "ranks 0-6, main thread", then the frames.
     """
 
-    def __init__(self, by_rank: Mapping[int, Sequence[ThreadStack]]) -> None:
-        self.by_rank = {rank: tuple(threads) for rank, threads in sorted(by_rank.items())}
+    by_rank: Mapping[int, Sequence[ThreadStack]]
 
     @property
     def groups(self) -> list[StackGroup]:

@@ -53,7 +53,7 @@ class RankStatus:
 
 
 class World:
-    """Persistent ranks: ``run``, ``exec``, ``push``, ``pull``; ``close`` (or ``with``).
+    """Persistent ranks: ``run``, ``exec``, ``push``, ``pull``, ``stacks``; ``close`` (or ``with``).
 
     ``n`` CPU ranks, or one rank per GPU in ``gpus`` (default: every visible GPU).
     ``torch_dist=True`` creates the process group once (NCCL on GPUs, Gloo on CPUs) and
