@@ -147,6 +147,17 @@ def test_a_rank_that_ended_or_did_not_answer_says_so_without_threads() -> None:
         'main thread (most recent call first):\n  File "/tmp/ipykernel_7/1.py", line 4 in step')
 
 
+def test_a_timeout_shows_ranks_in_the_same_place_once() -> None:
+    error = ranks.RanksTimeout(5, {0: "at a", 1: "at a", 2: "at b", 3: "at a", 4: ""})
+    assert str(error).split(":", 1)[1] == textwrap.dedent("""
+        --- ranks 0-1, 3 ---
+        at a
+        --- rank 2 ---
+        at b
+        --- rank 4 ---
+        (no stack: the rank did not answer)""")
+
+
 def test_the_note_of_a_forced_interrupt_names_the_ranks() -> None:
     one = hang_note({3: parse_dump(busy_dump(4))})
     assert one.startswith("ranks: where rank 3 was when it had to be forced to stop (")

@@ -412,8 +412,9 @@ def test_timeout_stops_the_cell_and_keeps_the_world(magic: Kernel) -> None:
     run(magic, "%%ranks\nimport time\nkept = 'state'")
     cell = fails(magic, "%%ranks --timeout 1\ntime.sleep(30)")
     assert cell.error["ename"] == "RanksTimeout", cell.traceback
-    # Where each rank was: the cell, by the name the ranks compiled it under.
-    assert "--- rank 1 ---" in cell.error["evalue"] and "<ranks-cell-" in cell.error["evalue"]
+    # Where the ranks were (both in the same line: once): the cell, by the name the ranks
+    # compiled it under.
+    assert "--- ranks 0-1 ---" in cell.error["evalue"] and "<ranks-cell-" in cell.error["evalue"]
     assert cell.seconds < 1 + RESPONSIVE_WITHIN + 0.5, cell.seconds
     after = run(magic, "%%ranks\nprint(kept)")
     assert sorted(after.stdout.splitlines()) == ["[rank 0] state", "[rank 1] state"]
