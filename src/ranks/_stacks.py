@@ -23,7 +23,7 @@ from dataclasses import dataclass
 # the `python -c` line that started it.
 _OUR_FILES = ("ranks/_worker.py", "ranks/_template.py", 'File "<string>"')
 # Threads that are ranks' own: the control-channel reader, the lifeline (portable start).
-_OUR_THREADS = ("in _read_commands", "in _follow_parent")
+_OUR_THREADS = {"_read_commands", "_follow_parent"}
 # A rank's main thread in none of these functions is between calls, in ranks' own code
 # (waiting for a command, flushing, starting its control thread): idle.
 _BUSY = {"_execute", "_set_up_devices", "_tear_down"}
@@ -57,10 +57,10 @@ def parse_dump(dump: str) -> tuple[ThreadStack, ...]:
     threads = []
     for block in re.split(r"\n\s*\n", dump.strip()):
         lines = block.splitlines()[1:]  # the header names a thread id, which differs per rank
-        if not lines or any(ours in line for line in lines for ours in _OUR_THREADS):
-            continue
         ours = {_function(line) for line in lines if _our_file(line)}
-        main = "main" in ours
+        if not lines or ours & _OUR_THREADS:
+            continue
+        main = "main" in ours  # _worker.main(): only ever on the rank's main thread
         if main and not ours & _BUSY:
             threads.append(ThreadStack(main=True, summary=IDLE))
             continue
