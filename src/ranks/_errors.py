@@ -19,6 +19,8 @@ import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._stacks import rank_label
+
 
 class RanksError(Exception):
     """Base class of every failure of `ranks` itself (not raised by the user's code)."""
@@ -163,11 +165,15 @@ class RanksTimeout(RanksError):
                     " nothing was left running")
         text = (
             f"the call did not finish within {self.timeout:g} s; ranks {running} were still"
-            " running and have been stopped. Where each one was:"
+            " running and have been stopped. Where each one was (ranks that were in the"
+            " same place, once):"
         )
+        places: dict[str, list[int]] = {}
         for rank in running:
             stack = self.stacks[rank].rstrip() or "(no stack: the rank did not answer)"
-            text += f"\n--- rank {rank} ---\n{stack}"
+            places.setdefault(stack, []).append(rank)
+        for stack, ranks in places.items():
+            text += f"\n--- {rank_label(ranks)} ---\n{stack}"
         return text
 
     def __reduce__(self) -> tuple[Any, ...]:

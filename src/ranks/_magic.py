@@ -9,6 +9,7 @@ every other magic:
     %ranks push a b                                  send kernel variables to every rank
     x = %ranks pull name [--rank R]                  values from the ranks
     %ranks status                                    rank, pid, device, GPU memory, state
+    %ranks stacks                                    every rank's threads, identical ones once
     %ranks restart                                   a new World with the same arguments
     %ranks stop                                      close it
 
@@ -32,6 +33,7 @@ import shlex
 from typing import Any
 
 from ._errors import RanksError
+from ._stacks import Stacks
 from ._world import RankStatus, World
 
 
@@ -99,12 +101,12 @@ class RanksMagics:
     def line(self, line: str) -> Any:
         words = _words(line)
         if not words:
-            raise RanksError("usage: %ranks start|push|pull|status|restart|stop ...")
+            raise RanksError("usage: %ranks start|push|pull|status|stacks|restart|stop ...")
         command, rest = words[0], words[1:]
         handler = getattr(self, f"_cmd_{command}", None)
         if handler is None:
             raise RanksError(f"unknown %ranks command {command!r}: use start, push, pull,"
-                             " status, restart or stop")
+                             " status, stacks, restart or stop")
         return handler(rest)
 
     def _cmd_start(self, args: list[str]) -> None:
@@ -135,6 +137,13 @@ class RanksMagics:
 
     def _cmd_status(self, args: list[str]) -> StatusTable:
         return StatusTable(self._world().status())
+
+    def _cmd_stacks(self, args: list[str]) -> Stacks:
+        # Works while a call of this World runs in another thread of the kernel: that is
+        # how a notebook looks into a call that hangs.
+        if args:
+            raise RanksError("%ranks stacks takes no arguments")
+        return self._world().stacks()
 
     def _cmd_push(self, names: list[str]) -> None:
         if not names:

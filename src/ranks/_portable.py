@@ -210,7 +210,7 @@ class PortableRank(RankProcess):
     def _tell(self, message: _protocol.Message) -> None:
         if self.returncode is None:
             with contextlib.suppress(OSError):
-                _protocol.send(self.conn, message)
+                self.send(message)
 
 
 class PortableStart:

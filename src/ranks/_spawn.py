@@ -33,6 +33,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Protocol
 
+from . import _protocol
 from ._placement import RankSpec
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -107,6 +108,9 @@ class RankProcess:
     answers: int = 0  # replies (Ready, Done, Failed) received so far
     calls: int = 0  # calls sent so far
     _closed: bool = field(default=False, repr=False)
+    # World.stacks() may ask for a dump (a message, on the portable start) from another
+    # thread while the calling thread sends a call: one frame must not cut into another.
+    _send_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def alive(self) -> bool:
@@ -125,6 +129,11 @@ class RankProcess:
         if self.returncode is None and _readable(self.sentinel):
             self.reap()
         return self.returncode is not None
+
+    def send(self, message: _protocol.Message) -> None:
+        """Send one message on the control channel, from any thread; OSError if it is gone."""
+        with self._send_lock:
+            _protocol.send(self.conn, message)
 
     def signal_tree(self, signum: int) -> None:
         """Signal the rank's whole process group (its children too); gone is fine."""

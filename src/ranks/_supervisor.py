@@ -20,7 +20,13 @@ Escalation starts when a rank fails (the others are stopped at once: a peer bloc
 Gloo or NCCL collective would otherwise wait for it forever), on ``timeout``, and on an
 interrupt of the kernel; a second interrupt skips to SIGKILL. A rank that is still starting
 runs none of the user's code, only ranks' own (and Python's): it skips SIGINT, whose
-KeyboardInterrupt traceback from that code would only clutter the cell.
+KeyboardInterrupt traceback from that code would only clutter the cell. Before an
+interrupted call's rank is forced (SIGTERM, SIGKILL), its stacks are taken, so the
+KeyboardInterrupt can say where it hung; on ``timeout`` those of every rank still running
+are.
+
+Stacks can also be asked for from any thread while a call runs (:meth:`Supervisor.stacks`,
+behind ``World.stacks()``): the rank dumps them without stopping (``_stacks``).
 
 What a wait ends with is an :class:`Outcome` per rank; ``_report`` turns those into the
 exception the cell shows.
@@ -38,7 +44,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
 from . import _notebook, _protocol, _runtime_dir
@@ -47,6 +53,7 @@ from ._output import OutputRouter, Sink, TerminalSink, new_log_dir
 from ._placement import RankSpec
 from ._protocol import Call, CallKind, Close, Done, Failed, Init, Interrupted, Ready
 from ._spawn import KILL, OutputStream, RankProcess
+from ._stacks import ENDED, ThreadStack, parse_dump, rank_text
 from ._template import launch_ranks, settle_closed_templates
 
 log = logging.getLogger("ranks")
@@ -63,7 +70,11 @@ RESPOND_GRACE = 5.0
 TERMINATE_GRACE = 1.0
 KILL_GRACE = 5.0
 CLOSE_GRACE = 10.0  # a clean Close destroys process groups and flushes; give it time
+# faulthandler says nothing when a dump is complete: it gets STACK_DUMP_WAIT, and a rank
+# whose dump has not begun by then (a loaded machine) up to STACK_DUMP_PATIENCE more.
 STACK_DUMP_WAIT = 0.3
+STACK_DUMP_PATIENCE = 1.0
+STACK_DUMP_POLL = 0.05
 INTERRUPT_POLL = 0.25
 # How long a reply (or a call's start) waits for the output written before it, where a
 # thread relays that output (see _catch_up_output). A rank whose user code closed or
@@ -107,6 +118,8 @@ class WaitResult:
     outcomes: dict[int, Outcome]
     interrupted: bool
     timeout: RanksTimeout | None
+    # Interrupted: where each rank that had to be forced (did not stop at SIGINT) was then.
+    hung: dict[int, tuple[ThreadStack, ...]] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -134,6 +147,9 @@ class Supervisor:
         for end in self._interrupt_pipe:
             end.setblocking(False)
         self._interrupts_seen = 0
+        # While an interrupted call's ranks are stopped: the stacks of those forced so far.
+        self._hung: dict[int, tuple[ThreadStack, ...]] | None = None
+        self._stacks_lock = threading.Lock()  # one dump at a time: they share the files
         self._closed = False
         self._first_step = 0  # of the escalation, in the current wait: see the docstring
 
@@ -161,7 +177,7 @@ class Supervisor:
         def launched(proc: RankProcess) -> None:
             self._procs[proc.spec.rank] = proc
             with contextlib.suppress(OSError):  # died at once: its sentinel says how
-                _protocol.send(proc.conn, init_for(proc.spec))
+                proc.send(init_for(proc.spec))
 
         try:
             launch_ranks(requests, deadline, launched)
@@ -220,7 +236,7 @@ class Supervisor:
         for proc in live:
             proc.calls += 1  # a rank marks its output on taking a Close as on taking a Call
             with contextlib.suppress(OSError):  # already gone: its sentinel says so below
-                _protocol.send(proc.conn, Close())
+                proc.send(Close())
         self._await_call_starts(live)
         self.router.begin_call(self._shown)  # what the ranks print while closing is shown
         self._drain()
@@ -269,6 +285,11 @@ class Supervisor:
     def pids(self) -> dict[int, int]:
         return {rank: proc.pid for rank, proc in self._procs.items()}
 
+    def stacks(self) -> dict[int, tuple[ThreadStack, ...]]:
+        """Every rank's threads now, without stopping them. Safe from any thread, also
+        while a call waits in another (the lock it takes is the dump's alone)."""
+        return self._collect_stacks(list(self._procs))
+
     def dead_ranks(self) -> list[int]:
         """Ranks whose process has ended, also those that died since the last call."""
         return [rank for rank, proc in self._procs.items() if proc.ended()]
@@ -297,7 +318,7 @@ class Supervisor:
             self._procs[rank].calls += 1
             # A rank that died since the World last looked: its sentinel reports how.
             with contextlib.suppress(OSError):
-                _protocol.send(self._procs[rank].conn, Call(call_id, kind, payload, dict(cells)))
+                self._procs[rank].send(Call(call_id, kind, payload, dict(cells)))
         called = [self._procs[rank] for rank in payloads]
         if any(proc.output_before_call() for proc in called):  # only a portable rank's
             try:
@@ -332,6 +353,7 @@ class Supervisor:
         timed_out: RanksTimeout | None = None
         self._signalled.clear()
         self._first_step = 1 if expect is Ready else 0
+        self._hung = None
         with self._interrupts_as_messages():
             while pending:
                 if deadline is not None and timed_out is None and time.monotonic() >= deadline:
@@ -345,13 +367,16 @@ class Supervisor:
                 while self._interrupts_seen:
                     # First interrupt: stop the ranks gently. Second: kill them now.
                     self._interrupts_seen -= 1
+                    if self._hung is None:
+                        self._hung = {}  # from now on a forced rank's stacks are kept
                     self._escalate(pending, first_step=2 if interrupted else 0)
                     interrupted = True
                 self._stop_on_failure(pending, outcomes)
         self._escalating.clear()
         self._drain()  # all that was written before the call ended is the call's (the cell's)
         self.router.flush()
-        return WaitResult(outcomes, interrupted, timed_out)
+        hung, self._hung = self._hung or {}, None
+        return WaitResult(outcomes, interrupted, timed_out, hung)
 
     def _stop_on_failure(self, pending: set[int], outcomes: dict[int, Outcome]) -> None:
         if any(not o.ok and o.stopped_by is None for o in outcomes.values()):
@@ -574,6 +599,9 @@ class Supervisor:
         self, ranks: Iterable[int], first_step: int = 0, interrupt_grace: float = INTERRUPT_GRACE
     ) -> None:
         """Start (or speed up) stopping these ranks, beginning at ``_ESCALATION[first_step]``."""
+        ranks = list(ranks)
+        if first_step > 0:
+            self._note_hung(ranks)
         now = time.monotonic()
         first_step = max(first_step, self._first_step)
         for rank in ranks:
@@ -598,6 +626,10 @@ class Supervisor:
     def _advance_escalation(
         self, now: float, pending: set[int], outcomes: dict[int, Outcome]
     ) -> None:
+        forced = [rank for rank, (step, when) in self._escalating.items()
+                  if rank in pending and now >= when and 0 < step < len(_ESCALATION)]
+        if self._note_hung(forced):
+            return  # the dump took a while: first read who answered meanwhile
         for rank, (step, when) in list(self._escalating.items()):
             if rank not in pending:
                 del self._escalating[rank]
@@ -635,16 +667,40 @@ class Supervisor:
 
     def _time_out(self, pending: set[int], timeout: float) -> RanksTimeout:
         """Ask each running rank for its Python stack (faulthandler), then build the error."""
-        for rank in pending:
-            self._procs[rank].request_stacks()
-        # The dump is written inside the rank's signal handler (or, on the portable start,
-        # by its control thread, which exists only once the rank is Ready).
-        time.sleep(STACK_DUMP_WAIT)
-        stacks = {}
-        for rank in pending:
-            with open(self._procs[rank].stacks_path, errors="replace") as dump:
-                stacks[rank] = _user_frames(dump.read())
-        return RanksTimeout(timeout, stacks)
+        stacks = self._collect_stacks(sorted(pending))
+        return RanksTimeout(timeout, {rank: rank_text(stacks[rank]) for rank in stacks})
+
+    def _note_hung(self, ranks: list[int]) -> bool:
+        """Before an interrupted call's ranks are forced: where they are, for the error.
+        True if it took any (which takes a while)."""
+        if self._hung is None:
+            return False
+        new = [rank for rank in ranks if rank not in self._hung]
+        if new:
+            self._hung.update(self._collect_stacks(new))
+        return bool(new)
+
+    def _collect_stacks(self, ranks: list[int]) -> dict[int, tuple[ThreadStack, ...]]:
+        """Each rank's threads, dumped by its faulthandler into its stacks file."""
+        with self._stacks_lock:
+            live = [proc for proc in (self._procs[rank] for rank in ranks) if proc.alive]
+            for proc in live:
+                # Gone (closed meanwhile, from another thread): it reads as no answer.
+                with contextlib.suppress(OSError):
+                    proc.request_stacks()
+            # The dump is written inside the rank's signal handler (or, on the portable
+            # start, by its control thread, which exists only once the rank is Ready).
+            time.sleep(STACK_DUMP_WAIT)
+            patience = time.monotonic() + STACK_DUMP_PATIENCE
+            late = False
+            while any(not _read(p.stacks_path) for p in live) and time.monotonic() < patience:
+                late = True
+                time.sleep(STACK_DUMP_POLL)
+            if late:
+                time.sleep(STACK_DUMP_POLL)  # a dump that began late may be half-written
+            dumps = {proc.spec.rank: _read(proc.stacks_path) for proc in live}
+        ended = (ThreadStack(main=True, summary=ENDED),)
+        return {rank: parse_dump(dumps[rank]) if rank in dumps else ended for rank in ranks}
 
 
 def _wait_for(sources: list[object], timeout: float | None) -> list[object]:
@@ -663,19 +719,9 @@ def _make_sink() -> Sink:
     return _notebook.NotebookSink() if _notebook.in_ipykernel() else TerminalSink()
 
 
-_OUR_FILES = ("ranks/_worker.py", "ranks/_template.py", 'File "<string>"')
-
-
-def _user_frames(dump: str) -> str:
-    """A faulthandler dump without ranks' own machinery: the control thread, our frames."""
-    threads = [block for block in dump.strip().split("\n\n") if block]
-    kept = []
-    for block in threads:
-        if "_read_commands" in block or "_follow_parent" in block:
-            continue  # the rank's control-channel reader or lifeline, never the user's
-        lines = [
-            line for line in block.splitlines()  # Windows paths compared with "/" too
-            if not any(ours in line.replace("\\", "/") for ours in _OUR_FILES)
-        ]
-        kept.append("\n".join(lines))
-    return "\n\n".join(kept)
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as dump:
+            return dump.read()
+    except OSError:  # the World closed meanwhile (from another thread)
+        return ""

@@ -38,6 +38,7 @@ from ._errors import RanksError, RanksTimeout, WorldBroken, add_note
 from ._placement import RankSpec, gpu_memory_by_pid, plan_ranks, visible_gpus
 from ._protocol import CallKind, Done, Init
 from ._report import build_error
+from ._stacks import Stacks, hang_note
 from ._supervisor import INTERRUPT_POLL, Supervisor, WaitResult
 
 Output = Literal["all", "rank0", "none"] | Sequence[int]
@@ -64,7 +65,7 @@ class RankStatus:
 
 
 class World:
-    """Persistent ranks: ``run``, ``exec``, ``push``, ``pull``; ``close`` (or ``with``).
+    """Persistent ranks: ``run``, ``exec``, ``push``, ``pull``, ``stacks``; ``close`` (or ``with``).
 
     ``n`` CPU ranks, or one rank per GPU in ``gpus`` (default: every visible GPU).
     ``torch_dist=True`` creates the process group once (NCCL on GPUs, Gloo on CPUs) and
@@ -239,6 +240,17 @@ class World:
             rows.append(RankStatus(spec.rank, pid, spec.describe(), memory.get(pid), state))
         return rows
 
+    def stacks(self) -> Stacks:
+        """The Python stack of every thread of every rank, taken without stopping them.
+
+        Shown with identical stacks once, labelled with the ranks that share them. Meant
+        for a call that hangs: it works from another thread while that call runs, and
+        between calls (ranks waiting for the next call show as idle).
+        """
+        if self.closed:
+            raise RanksError("this World is closed; start a new one")
+        return Stacks(self._supervisor.stacks())
+
     def log_path(self, rank: int) -> str:
         """The file holding everything ``rank`` printed (also what was not shown)."""
         return self._supervisor.log_path(rank)
@@ -393,6 +405,8 @@ class World:
                             and outcome.stopped_by in ("SIGTERM", "SIGKILL"))
             if killed:
                 add_note(error, f"ranks: ranks {killed} did not stop in time and were killed")
+            if result.hung:
+                add_note(error, hang_note(result.hung))
         if error is not None:
             self._supervisor.router.keep()  # the error may point at the logs
         if isinstance(error, RanksTimeout):
