@@ -8,6 +8,7 @@ every other magic:
     %ranks push a b                                  send kernel variables to every rank
     x = %ranks pull name [--rank R]                  values from the ranks
     %ranks status                                    rank, pid, device, GPU memory, state
+    %ranks debug [--rank R]                          pdb post-mortem where a rank raised
     %ranks restart                                   a new World with the same arguments
     %ranks stop                                      close it
 
@@ -139,6 +140,12 @@ class RanksMagics:
         parser.add_argument("--rank", type=int, default=None)
         options = parser.parse_args(args)
         return self._world().pull(options.name, options.rank)
+
+    def _cmd_debug(self, args: list[str]) -> None:
+        parser = _Parser(prog="%ranks debug", add_help=False)
+        parser.add_argument("--rank", type=int, default=None)
+        options = parser.parse_args(args)
+        self._world().debug(options.rank)
 
     # --- %%ranks ------------------------------------------------------------------------
 

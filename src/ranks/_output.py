@@ -17,6 +17,10 @@ ipykernel files it under the calling cell):
   MAX_LINE_CHARS is shown cut, with that path; only its head is held in memory, so one
   endless line costs neither quadratic copying nor a browser tab.
 * The last lines of each rank are kept for the error message when it dies.
+* Identical lines that several ranks print within GROUP_WINDOW are shown once, labelled
+  with all of them (``[ranks 0-3] epoch 3 done``); a line is held at most that long, and
+  every rank's own order is kept. ``RANKS_GROUP_OUTPUT=0`` turns it off (read per call).
+  The logs and the tails are per rank and keep every line.
 
 Output that arrives between two calls of a World belongs to no cell: it is logged only,
 and a line it left unfinished is closed in the log, not completed into the next call's cell.
@@ -52,12 +56,20 @@ RATE_LINES = 200.0
 MAX_LINE_CHARS = 10_000
 CHARS_PER_LINE = 1_000
 DROP_REPORT_INTERVAL = 2.0
+# How long a shown line waits for the same line from other ranks. Short enough that a
+# single rank's output still looks live; ranks in step print within a few ms of each other.
+GROUP_WINDOW = 0.08
+GROUP_SWITCH = "RANKS_GROUP_OUTPUT"
 
 
 class Sink(Protocol):
     """Where shown output goes: a terminal (plain labelled lines) or a notebook cell."""
 
     def line(self, rank: int, stream: str, text: str) -> None: ...
+
+    def group_line(self, ranks: list[int], stream: str, text: str) -> None:
+        """One line that several ranks printed alike."""
+        ...
 
     def progress(self, rank: int, stream: str, text: str) -> None: ...
 
@@ -85,6 +97,11 @@ class TerminalSink:
         self._last_snapshot.pop((rank, stream), None)
         _target(stream).write(f"[rank {rank}] {text}\n")
 
+    def group_line(self, ranks: list[int], stream: str, text: str) -> None:
+        for rank in ranks:
+            self._last_snapshot.pop((rank, stream), None)
+        _target(stream).write(f"[{rank_span(ranks)}] {text}\n")
+
     def progress(self, rank: int, stream: str, text: str) -> None:
         now = time.monotonic()
         last = self._last_snapshot.get((rank, stream))
@@ -108,6 +125,56 @@ class TerminalSink:
 
 def _target(stream: str) -> IO[str]:
     return sys.stdout if stream == "stdout" else sys.stderr
+
+
+def rank_span(ranks: list[int]) -> str:
+    """``rank 3``, ``ranks 0-7`` (contiguous), or ``ranks 0,2,5``."""
+    ordered = sorted(ranks)
+    if len(ordered) == 1:
+        return f"rank {ordered[0]}"
+    if ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"ranks {ordered[0]}-{ordered[-1]}"
+    return "ranks " + ",".join(map(str, ordered))
+
+
+class _Group:
+    def __init__(self, stream: str, text: str, rank: int, when: float) -> None:
+        self.stream, self.text, self.ranks, self.when = stream, text, [rank], when
+
+
+class _Grouper:
+    """Holds shown lines for GROUP_WINDOW so that the same line from other ranks joins them.
+
+    Groups are released oldest first, so lines leave in the order they came; a rank's line
+    joins only a group that comes after every group it is already in, so each rank's own
+    lines keep their order too.
+    """
+
+    def __init__(self) -> None:
+        self._held: list[_Group] = []
+
+    def add(self, rank: int, stream: str, text: str) -> None:
+        start = 0
+        for index, group in enumerate(self._held):
+            if rank in group.ranks:
+                start = index + 1
+        for group in self._held[start:]:
+            if group.stream == stream and group.text == text:
+                group.ranks.append(rank)
+                return
+        self._held.append(_Group(stream, text, rank, time.monotonic()))
+
+    def due(self) -> float | None:
+        return self._held[0].when + GROUP_WINDOW if self._held else None
+
+    def release(self, sink: Sink, everything: bool = False) -> None:
+        now = time.monotonic()
+        while self._held and (everything or self._held[0].when + GROUP_WINDOW <= now):
+            group = self._held.pop(0)
+            if len(group.ranks) == 1:
+                sink.line(group.ranks[0], group.stream, group.text)
+            else:
+                sink.group_line(group.ranks, group.stream, group.text)
 
 
 class _Assembler:
@@ -184,6 +251,7 @@ class OutputRouter:
         self._log_dir = log_dir
         self._sink_factory = sink_factory
         self._sink: Sink | None = None  # None between calls: log only
+        self._grouper: _Grouper | None = None  # None: every line at once, as its rank's
         self._shown: Callable[[int], bool] = lambda rank: False
         self._assemblers: dict[tuple[int, str], _Assembler] = {}
         self._buckets: dict[int, _Bucket] = {}
@@ -204,15 +272,19 @@ class OutputRouter:
         self._sink = self._sink_factory()
         self._shown = shown
         self._buckets.clear()
+        switch = os.environ.get(GROUP_SWITCH, "1").strip().lower()
+        self._grouper = None if switch in ("0", "false", "no", "off") else _Grouper()
 
     def end_call(self) -> None:
         """Show what the call left without a newline, report drops, and unbind the sink."""
         for rank, _ in list(self._assemblers):
             self.finish(rank)
+        self.release_held()
         for rank in sorted(self._buckets):
             self._report_drops(rank, final=True)
         self.flush()
         self._sink = None
+        self._grouper = None
 
     def feed(self, rank: int, stream: str, data: bytes) -> None:
         self._write_log(rank, stream, data)
@@ -225,6 +297,7 @@ class OutputRouter:
             self._line(rank, stream, line, finishes_redraw)
             finishes_redraw = False
         if progress is not None and self._sink is not None and self._shown(rank):
+            self.release_held()  # the lines printed before the bar stay above it
             self._sink.progress(rank, stream, progress)
 
     def finish(self, rank: int) -> None:
@@ -242,13 +315,29 @@ class OutputRouter:
 
     def due(self) -> float | None:
         """When the supervisor must call flush() even if no rank writes anything new."""
-        return None if self._sink is None else self._sink.due()
+        if self._sink is None:
+            return None
+        held = None if self._grouper is None else self._grouper.due()
+        return min((t for t in (self._sink.due(), held) if t is not None), default=None)
 
     def tail(self, rank: int) -> list[str]:
         return list(self._tails.get(rank, ()))
 
+    def release_held(self) -> None:
+        """Show now every line held back for grouping (before a prompt, at the call's end)."""
+        if self._sink is not None and self._grouper is not None:
+            self._grouper.release(self._sink, everything=True)
+
+    def note(self, rank: int, text: str) -> None:
+        """A line of ranks' own about ``rank``, in the call's output, after what it printed."""
+        if self._sink is not None:
+            self.release_held()
+            self._sink.note(rank, text)
+
     def flush(self) -> None:
         if self._sink is not None:
+            if self._grouper is not None:
+                self._grouper.release(self._sink)
             for rank in self._buckets:
                 self._report_drops(rank, final=False)
             self._sink.flush()
@@ -267,8 +356,14 @@ class OutputRouter:
         bucket = self._buckets.setdefault(rank, _Bucket())
         # The final state of a redrawn line (a finished bar) replaces its display and adds
         # no line: a flood beside the bar must not leave it stuck short of 100%.
-        if finishes_redraw or bucket.take(1 + len(text) // CHARS_PER_LINE):
+        if finishes_redraw:
+            self.release_held()
             self._sink.line(rank, stream, text)
+        elif bucket.take(1 + len(text) // CHARS_PER_LINE):
+            if self._grouper is not None:
+                self._grouper.add(rank, stream, text)
+            else:
+                self._sink.line(rank, stream, text)
 
     def _report_drops(self, rank: int, final: bool) -> None:
         bucket = self._buckets[rank]
@@ -276,6 +371,7 @@ class OutputRouter:
         if not bucket.dropped or (not final and now - bucket.reported < DROP_REPORT_INTERVAL):
             return
         assert self._sink is not None
+        self.release_held()
         self._sink.note(rank, f"... {bucket.dropped} lines not shown (more than"
                         f" {RATE_LINES:g} a second); full log: {self.log_path(rank)}")
         bucket.dropped = 0

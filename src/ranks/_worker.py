@@ -52,6 +52,8 @@ from ._protocol import (
     Call,
     CallKind,
     Close,
+    DebugInput,
+    DebugPrompt,
     Done,
     DumpStacks,
     Failed,
@@ -121,12 +123,24 @@ def main(argv: list[str]) -> None:
     _flush_all()
     _protocol.send(conn, Ready(os.getpid()))
 
+    _install_debugger(conn)
     commands: queue.Queue[_protocol.Message] = queue.Queue()
     threading.Thread(target=_read_commands, args=(conn, commands), daemon=True,
                      name="ranks-control").start()
     _serve(conn, commands)
     _tear_down()
     os._exit(0)  # skip interpreter teardown: threads of libraries (NCCL, Gloo) can hang it
+
+
+def _install_debugger(conn: Connection) -> None:
+    """``breakpoint()`` in the user's code asks the kernel for its lines (``_rank_pdb``)."""
+    from . import _rank_pdb
+
+    def ask_kernel(prompt: DebugPrompt) -> None:
+        _flush_all()  # what pdb printed (the listing) shows before the input box
+        _send(conn, prompt)
+
+    _rank_pdb.install(ask_kernel)
 
 
 def _guard_descendants(parent_pidfd: int | None) -> None:
@@ -273,6 +287,11 @@ def _read_commands(conn: Connection, commands: queue.Queue[_protocol.Message]) -
         if isinstance(message, Interrupt):
             _interrupt_main_thread()
             continue
+        if isinstance(message, DebugInput):
+            from ._rank_pdb import deliver
+
+            deliver(message.prompt_id, message.line)
+            continue
         if isinstance(message, DumpStacks):
             faulthandler.dump_traceback(file=_stacks_file, all_threads=True)
             _stacks_file.flush()
@@ -400,9 +419,16 @@ def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
             elif call.kind is CallKind.PUSH:
                 namespace.update(values)
                 result = None
+            elif call.kind is CallKind.DEBUG:
+                from ._rank_pdb import post_mortem
+
+                post_mortem()
+                result = None
             else:
                 result = _pull(namespace, _serialize.loads(call.payload))
     except BaseException as error:
+        if call.kind is not CallKind.DEBUG:
+            _keep_for_post_mortem(error)
         # skip=1 drops this frame: the traceback starts in the user's code.
         return _failure(call.call_id, error, "running the function", skip=1)
 
@@ -412,6 +438,15 @@ def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
     except BaseException as error:
         return _failure(call.call_id, error, "sending the result to the kernel", skip=0)
     return Done(call.call_id, payload)
+
+
+def _keep_for_post_mortem(error: BaseException) -> None:
+    """Where the interpreter keeps an uncaught exception, for ``World.debug`` (and the
+    user's own ``pdb.pm()``), as IPython does for ``%debug``. Without this frame."""
+    tb = error.__traceback__
+    sys.last_type, sys.last_value = type(error), error
+    sys.last_exc = error  # type: ignore[attr-defined,unused-ignore]  # Python 3.12+ keeps it here
+    sys.last_traceback = tb.tb_next if tb is not None and tb.tb_next is not None else tb
 
 
 def _fill_missing_globals(fn: Any, namespace: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ from . import _notebook, _serialize
 from ._errors import RanksError, WorldBroken, add_note
 from ._placement import RankSpec, gpu_memory_by_pid, plan_ranks, visible_gpus
 from ._protocol import CallKind, Done, Init
-from ._report import build_error
+from ._report import build_error, raising_rank
 from ._supervisor import Supervisor, WaitResult
 
 Output = Literal["all", "rank0", "none"] | Sequence[int]
@@ -95,6 +95,7 @@ class World:
         self._specs = specs
         self._broken: str | None = None
         self._sent_cells: set[str] = set()
+        self._raised_on: int | None = None  # the rank of the last call's exception, for debug()
         envs = _rank_environments(specs, extra_env)
         cwd = os.getcwd()
         sys_path = _notebook.kernel_sys_path()
@@ -183,6 +184,19 @@ class World:
             rows.append(RankStatus(spec.rank, pid, spec.describe(), memory.get(pid), state))
         return rows
 
+    def debug(self, rank: int | None = None) -> None:
+        """pdb at the frame where the last failed call raised on ``rank``, as IPython's
+        ``%debug``: by default the rank whose exception the cell showed. Its prompt, labelled
+        with the rank, reads from the cell's input box; ``q`` ends it."""
+        __tracebackhide__ = True
+        if rank is None:
+            rank = self._raised_on
+            if rank is None:
+                raise RanksError("no call on this World raised on a rank yet: nothing to"
+                                 " debug (World.debug(rank=R) picks a rank)")
+        targets = _check_ranks([rank], self.size)
+        self._call(CallKind.DEBUG, dict.fromkeys(targets, b""), None, lambda r: True)
+
     def log_path(self, rank: int) -> str:
         """The file holding everything ``rank`` printed (also what was not shown)."""
         return self._supervisor.log_path(rank)
@@ -228,6 +242,9 @@ class World:
             raise WorldBroken(self._broken)
         cells = _notebook.cell_sources(self._sent_cells)
         result = self._supervisor.call(kind, payloads, cells, timeout, shown, started)
+        raised_on = raising_rank(result.outcomes)
+        if raised_on is not None and kind is not CallKind.DEBUG:
+            self._raised_on = raised_on  # a failed debug() leaves what there is to debug
         error = self._failure_of(result)
         if error is not None:
             raise error
