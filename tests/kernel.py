@@ -142,7 +142,7 @@ class Kernel:
     def converse(self, code: str, lines: list[str | None], timeout: float = 60.0) -> Cell:
         """Run ``code``, answering its input requests with ``lines`` in order (``None``:
         interrupt the kernel instead, the stop button); the prompts are in ``Cell.prompts``.
-        Requests beyond ``lines`` are answered with ``c`` (and recorded all the same)."""
+        Requests beyond ``lines`` are recorded and left unanswered."""
         started = time.monotonic()
         cell = self.collect(self.start(code, allow_stdin=True), timeout, list(lines))
         cell.seconds = time.monotonic() - started
@@ -195,7 +195,9 @@ class Kernel:
         if request["parent_header"].get("msg_id") != cell.msg_id:
             return
         cell.prompts.append(request["content"]["prompt"])
-        line = lines.pop(0) if lines else "c"
+        if not lines:
+            return
+        line = lines.pop(0)
         if line is None:
             self.interrupt()
         else:

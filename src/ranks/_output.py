@@ -58,8 +58,9 @@ CHARS_PER_LINE = 1_000
 DROP_REPORT_INTERVAL = 2.0
 # How long a shown line waits for the same line from other ranks. Short enough that a
 # single rank's output still looks live; ranks in step print within a few ms of each other.
-GROUP_WINDOW = 0.08
+GROUP_WINDOW = 0.1
 GROUP_SWITCH = "RANKS_GROUP_OUTPUT"
+GROUP_LOOKAHEAD = 32  # how far back in another rank's queue a line is looked for
 
 
 class Sink(Protocol):
@@ -137,44 +138,61 @@ def rank_span(ranks: list[int]) -> str:
     return "ranks " + ",".join(map(str, ordered))
 
 
-class _Group:
-    def __init__(self, stream: str, text: str, rank: int, when: float) -> None:
-        self.stream, self.text, self.ranks, self.when = stream, text, [rank], when
-
-
 class _Grouper:
-    """Holds shown lines for GROUP_WINDOW so that the same line from other ranks joins them.
+    """Holds each rank's shown lines for GROUP_WINDOW, so that equal lines of several ranks
+    leave together.
 
-    Groups are released oldest first, so lines leave in the order they came; a rank's line
-    joins only a group that comes after every group it is already in, so each rank's own
-    lines keep their order too.
+    Each rank's lines wait in a queue of their own and leave in order. The oldest waiting
+    line leaves first, with the ranks whose next line is the same; if some rank has that
+    line further back in its queue (it printed another line first, as ranks do that print
+    their own loss before a common "done"), that rank's earlier lines leave first, so the
+    line can still be shown once.
     """
 
     def __init__(self) -> None:
-        self._held: list[_Group] = []
+        self._queues: dict[int, deque[tuple[str, str, float]]] = {}
 
     def add(self, rank: int, stream: str, text: str) -> None:
-        start = 0
-        for index, group in enumerate(self._held):
-            if rank in group.ranks:
-                start = index + 1
-        for group in self._held[start:]:
-            if group.stream == stream and group.text == text:
-                group.ranks.append(rank)
-                return
-        self._held.append(_Group(stream, text, rank, time.monotonic()))
+        self._queues.setdefault(rank, deque()).append((stream, text, time.monotonic()))
 
     def due(self) -> float | None:
-        return self._held[0].when + GROUP_WINDOW if self._held else None
+        heads = [queue[0][2] for queue in self._queues.values() if queue]
+        return min(heads) + GROUP_WINDOW if heads else None
 
     def release(self, sink: Sink, everything: bool = False) -> None:
-        now = time.monotonic()
-        while self._held and (everything or self._held[0].when + GROUP_WINDOW <= now):
-            group = self._held.pop(0)
-            if len(group.ranks) == 1:
-                sink.line(group.ranks[0], group.stream, group.text)
+        while True:
+            waiting = {rank: queue for rank, queue in self._queues.items() if queue}
+            if not waiting:
+                return
+            oldest = min(waiting, key=lambda rank: waiting[rank][0][2])
+            if not everything and waiting[oldest][0][2] + GROUP_WINDOW > time.monotonic():
+                return
+            stream, text, _ = waiting[self._leader(oldest, waiting)][0]
+            ranks = [rank for rank, queue in sorted(waiting.items())
+                     if queue[0][:2] == (stream, text)]
+            for rank in ranks:
+                waiting[rank].popleft()
+            if len(ranks) == 1:
+                sink.line(ranks[0], stream, text)
             else:
-                sink.group_line(group.ranks, group.stream, group.text)
+                sink.group_line(ranks, stream, text)
+
+    def _leader(self, rank: int, waiting: dict[int, deque[tuple[str, str, float]]]) -> int:
+        """The rank whose next line leaves now: ``rank``, or one that has ``rank``'s next
+        line further back (then first its own lines), and so on; ``rank`` on a cycle."""
+        seen = {rank}
+        current = rank
+        while True:
+            line = waiting[current][0][:2]
+            behind = [other for other, queue in waiting.items() if other != current
+                      and any(held[:2] == line for held in itertools.islice(
+                          queue, 1, GROUP_LOOKAHEAD))]
+            if not behind:
+                return current
+            if behind[0] in seen:
+                return rank  # ranks print the same lines in different orders
+            current = behind[0]
+            seen.add(current)
 
 
 class _Assembler:
