@@ -137,8 +137,16 @@ def _install_debugger(conn: Connection) -> None:
     from . import _rank_pdb
 
     def ask_kernel(prompt: DebugPrompt) -> None:
+        global _interrupt_held
         _flush_all()  # what pdb printed (the listing) shows before the input box
-        _send(conn, prompt)
+        # Raised mid-frame, a KeyboardInterrupt would corrupt the channel: hold it till after.
+        _interrupt_held = False
+        try:
+            _send(conn, prompt)
+        finally:
+            interrupted, _interrupt_held = _interrupt_held, None
+        if interrupted:
+            raise KeyboardInterrupt
 
     _rank_pdb.install(ask_kernel)
 
@@ -359,6 +367,9 @@ def _serve(conn: Connection, commands: queue.Queue[_protocol.Message]) -> None:
 
 
 _in_user_code = False
+# While pdb's prompt is sent from within the user's code: False, or True once an interrupt
+# came meanwhile (raised after the frame is out); None otherwise.
+_interrupt_held: bool | None = None
 # Written by the SIGINT handler, read by the control thread, which tells the kernel. Not
 # _send: the handler runs in the main thread, possibly inside _send, so it must not take
 # the lock. Made by main(), not at import.
@@ -373,9 +384,13 @@ def _on_interrupt(signum: int, frame: Any) -> None:
     # main thread is not stuck in C code, so the kernel hears about it and waits for the
     # answer. It must stop the user's code and nothing else: raised while a reply is being
     # framed it would corrupt the channel, and raised while idle there is nothing to stop.
+    global _interrupt_held
     with contextlib.suppress(OSError):
         _interrupt_taken[1].send(b"u" if _in_user_code else b"o")
     if _in_user_code:
+        if _interrupt_held is not None:  # a frame is being sent from the user's code
+            _interrupt_held = True
+            return
         raise KeyboardInterrupt
 
 
