@@ -40,7 +40,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import IO, Protocol
 
@@ -151,9 +151,13 @@ class _Grouper:
 
     def __init__(self) -> None:
         self._queues: dict[int, deque[tuple[str, str, float]]] = {}
+        # How many held lines are each (stream, text): most lines are a rank's own, and
+        # those need no search through the other ranks' queues.
+        self._counts: Counter[tuple[str, str]] = Counter()
 
     def add(self, rank: int, stream: str, text: str) -> None:
         self._queues.setdefault(rank, deque()).append((stream, text, time.monotonic()))
+        self._counts[(stream, text)] += 1
 
     def due(self) -> float | None:
         heads = [queue[0][2] for queue in self._queues.values() if queue]
@@ -167,11 +171,18 @@ class _Grouper:
             oldest = min(waiting, key=lambda rank: waiting[rank][0][2])
             if not everything and waiting[oldest][0][2] + GROUP_WINDOW > time.monotonic():
                 return
-            stream, text, _ = waiting[self._leader(oldest, waiting)][0]
-            ranks = [rank for rank, queue in sorted(waiting.items())
-                     if queue[0][:2] == (stream, text)]
+            leader = self._leader(oldest, waiting)
+            stream, text, _ = waiting[leader][0]
+            if self._counts[(stream, text)] == 1:
+                ranks = [leader]
+            else:
+                ranks = [rank for rank, queue in sorted(waiting.items())
+                         if queue[0][:2] == (stream, text)]
             for rank in ranks:
                 waiting[rank].popleft()
+            self._counts[(stream, text)] -= len(ranks)
+            if not self._counts[(stream, text)]:
+                del self._counts[(stream, text)]
             if len(ranks) == 1:
                 sink.line(ranks[0], stream, text)
             else:
@@ -184,6 +195,8 @@ class _Grouper:
         current = rank
         while True:
             line = waiting[current][0][:2]
+            if self._counts[line] == 1:
+                return current  # no other rank holds it
             behind = [other for other, queue in waiting.items() if other != current
                       and any(held[:2] == line for held in itertools.islice(
                           queue, 1, GROUP_LOOKAHEAD))]
