@@ -90,6 +90,30 @@ def test_two_ranks_at_breakpoints_are_served_one_at_a_time(kernel: Kernel) -> No
         f"[rank {second}] {40 + second}")
 
 
+@pytest.mark.timeout(120)
+def test_a_peer_waits_in_its_gloo_collective_while_a_rank_is_in_pdb(kernel: Kernel) -> None:
+    cell = converse(kernel, """
+    import time, ranks
+    def reduce():
+        import torch
+        import torch.distributed as dist
+        rank = ranks.current().rank
+        value = torch.tensor([rank + 1.0])
+        if rank == 1:
+            breakpoint()
+        started = time.monotonic()
+        dist.all_reduce(value)
+        return value.item(), time.monotonic() - started
+    ranks.run(reduce, n=2, torch_dist=True)
+    """, ["p value", "!import time; time.sleep(3)", "c"], timeout=90)
+    assert cell.error is None, cell.traceback
+    assert cell.prompts == [PROMPT.format(1)] * 3
+    assert "[rank 1] tensor([2.])" in shown_lines(cell)
+    (sum0, waited0), (sum1, _) = eval(cell.result or "")
+    assert sum0 == sum1 == 3.0
+    assert waited0 > 2.5  # rank 0 sat in all_reduce throughout, and was not stopped
+
+
 @pytest.mark.timeout(90)
 def test_pdb_set_trace_in_a_ranks_cell_and_quit(kernel: Kernel) -> None:
     kernel.ok("%load_ext ranks")
