@@ -230,10 +230,19 @@ def test_post_mortem_with_ranks_debug_and_world_debug(kernel: Kernel) -> None:
         cell = converse(kernel, "%ranks debug --rank 0", [])
         assert cell.error is not None and cell.error["ename"] == "RuntimeError"
         assert "rank 0 has no failure to debug" in cell.error["evalue"]
-        # Still there after a failed debug() and a later call that went well.
-        kernel.ok("_world.run(failing, (0,)) if False else None")
+        # Still there after a failed debug(), a failed pull (not the user's code) and a
+        # call that went well.
+        assert kernel.execute("%ranks pull not_there --rank 0").error is not None
+        kernel.ok("_world.run(len, ('ok',))")
         cell = converse(kernel, "%ranks debug", ["p total", "q"])
         assert cell.prompts == [PROMPT.format(1)] * 2 and "[rank 1] 31" in shown_lines(cell)
+
+        # A %%ranks cell that raised: its own frame, on the rank it raised on.
+        failed = kernel.execute("%%ranks --rank 0\nlimit = 5\nassert limit > 9, 'too low'")
+        assert failed.error is not None and failed.error["ename"] == "AssertionError"
+        cell = converse(kernel, "%ranks debug", ["p limit", "q"])
+        assert cell.prompts == [PROMPT.format(0)] * 2
+        assert "[rank 0] 5" in shown_lines(cell), cell.stdout
     finally:
         kernel.ok("%ranks stop")
 

@@ -442,7 +442,7 @@ def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
             else:
                 result = _pull(namespace, _serialize.loads(call.payload))
     except BaseException as error:
-        if call.kind is not CallKind.DEBUG:
+        if call.kind in (CallKind.RUN, CallKind.EXEC):  # the user's code, not push or pull
             _keep_for_post_mortem(error)
         # skip=1 drops this frame: the traceback starts in the user's code.
         return _failure(call.call_id, error, "running the function", skip=1)

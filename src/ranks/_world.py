@@ -243,8 +243,8 @@ class World:
         cells = _notebook.cell_sources(self._sent_cells)
         result = self._supervisor.call(kind, payloads, cells, timeout, shown, started)
         raised_on = raising_rank(result.outcomes)
-        if raised_on is not None and kind is not CallKind.DEBUG:
-            self._raised_on = raised_on  # a failed debug() leaves what there is to debug
+        if raised_on is not None and kind in (CallKind.RUN, CallKind.EXEC):
+            self._raised_on = raised_on  # what the ranks keep for debug(): see _worker
         error = self._failure_of(result)
         if error is not None:
             raise error
