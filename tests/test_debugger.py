@@ -4,8 +4,9 @@
 rank; the test answers as a user typing in the cell's input box would
 (``Kernel.converse``), and checks what the cell showed. Also: two ranks at breakpoints
 served one at a time, the stop button during a session, post-mortem with ``%ranks debug``
-and ``World.debug``, a client that cannot answer (``allow_stdin=False``, as nbclient), and
-a script without a terminal.
+and ``World.debug``, a client that cannot answer (``allow_stdin=False``, as nbclient), a
+script without a terminal (it goes on, saying so), and one in a terminal (a pseudo-terminal
+here, with the lines typed ahead).
 """
 
 from __future__ import annotations
@@ -194,6 +195,33 @@ def test_script_without_a_terminal_continues_with_a_note(tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "result [41, 42]"
     assert "[rank 1] ranks: pdb stopped here, but nothing can answer it" in done.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(sys.platform == "win32", reason="a pseudo-terminal is POSIX")
+def test_script_in_a_terminal_reads_pdb_lines_there(tmp_path: Path) -> None:
+    import pty
+
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(WORK + """
+    stops = {1}
+    if __name__ == "__main__":
+        print("result", ranks.run(work, n=2))
+    """))
+    controller, terminal = pty.openpty()
+    try:
+        os.write(controller, b"p x * 2\nc\n")  # typed ahead: the terminal keeps the lines
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                              stdin=terminal, timeout=50, cwd=tmp_path, env=os.environ)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    assert out[-1].endswith("result [41, 42]"), out  # after the last prompt, on its line
+    assert "[rank 1] 82" in done.stdout.replace(PROMPT.format(1), "\n").splitlines()
+    assert done.stdout.count(PROMPT.format(1)) == 2
+    assert "nothing can answer" not in done.stderr
 
 
 FAILING = """

@@ -585,7 +585,8 @@ class Supervisor:
             elif last in pending and time.monotonic() - answered < DEBUG_STAY:
                 return  # it may stop again at once (after `n`): stay with it
         prompt = self._prompts.pop(rank)
-        self.router.release_held()  # the rank's listing above the input box
+        self._drain()  # the rank's listing above the input box
+        self.router.release_held()
         self.router.flush()
         line: str | None = None
         if not self._no_frontend:
