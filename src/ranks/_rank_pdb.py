@@ -6,8 +6,8 @@ labelled like any other output) and whose input lines come from the kernel:
 
     rank, main thread                rank, control thread        kernel (Supervisor)
     RankPdb reads a line:
-      flush the output, send DebugPrompt(seq, "[rank 1] (Pdb) ") --> input(prompt): the
-      wait for the line with seq  <-- deliver() <-- DebugInput(seq, line) --  cell's input box
+      flush the output, send DebugPrompt(id, "[rank 1] (Pdb) ") --> input(prompt): the
+      wait for the line for id   <-- deliver() <-- DebugInput(id, line) --  cell's input box
 
 The kernel serves one prompt at a time. A line ``None`` means that nobody can answer (a
 notebook client without stdin, a script without a terminal): pdb continues, as after `c`.
