@@ -183,6 +183,16 @@ def test_breakpoint_without_stdin_continues_with_a_note(kernel: Kernel) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_pythonbreakpoint_0_turns_breakpoints_off_on_the_ranks(kernel: Kernel) -> None:
+    cell = converse(kernel, WORK + """
+    stops = {0, 1}
+    ranks.run(work, n=2, env={"PYTHONBREAKPOINT": "0"})
+    """, [], timeout=40)
+    assert cell.error is None, cell.traceback
+    assert cell.result == "[41, 42]" and cell.prompts == []
+
+
+@pytest.mark.timeout(60)
 def test_script_without_a_terminal_continues_with_a_note(tmp_path: Path) -> None:
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(WORK + """

@@ -21,11 +21,12 @@ defines it (it imports pdb, which a rank imports anyway to install it).
 from __future__ import annotations
 
 import itertools
+import os
 import pdb
 import queue
 import sys
 from collections.abc import Callable
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import IO, Any, cast
 
 from . import _context
@@ -47,7 +48,7 @@ def install(ask_kernel: Callable[[DebugPrompt], None]) -> None:
     """
     global _ask_kernel
     _ask_kernel = ask_kernel
-    sys.breakpointhook = set_trace
+    sys.breakpointhook = _breakpoint
     pdb.set_trace = set_trace  # pdb.set_trace() builds a Pdb of its own
 
 
@@ -56,13 +57,23 @@ def deliver(prompt_id: int, line: str | None) -> None:
     _lines.put((prompt_id, line))
 
 
-def set_trace(*args: Any, header: str | None = None, **kwargs: Any) -> None:
-    """``breakpoint()`` on a rank: stop in the caller's frame."""
+def set_trace(*, header: str | None = None) -> None:
+    """``pdb.set_trace()`` on a rank: stop in the caller's frame."""
+    _stop(sys._getframe().f_back, header)
+
+
+def _breakpoint(*args: Any, **kwargs: Any) -> None:
+    """``breakpoint()`` on a rank; ``PYTHONBREAKPOINT=0`` turns it off, as it does anywhere
+    (sys.breakpointhook reads it, and this replaces sys.breakpointhook)."""
+    if os.environ.get("PYTHONBREAKPOINT") == "0":
+        return
+    _stop(sys._getframe().f_back, kwargs.get("header"))
+
+
+def _stop(frame: FrameType | None, header: str | None) -> None:
     debugger = RankPdb()
     if header is not None:
         debugger.message(header)
-    frame = sys._getframe().f_back
-    assert frame is not None
     debugger.set_trace(frame)
 
 
