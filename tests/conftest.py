@@ -27,6 +27,12 @@ from kernel import EXITED_NORMALLY, KERNEL_PIDS, WINDOWS_KERNEL, Kernel, default
 from processes import made_by_another_session, rank_processes
 
 LEAK_GRACE = 5.0
+# Identical lines of several ranks are shown once when they come close together: whether
+# they do depends on timing, and most tests check each rank's own lines. Off for the
+# kernels, scripts and ranks the suite starts; the tests of grouping turn it on.
+os.environ.setdefault("RANKS_GROUP_OUTPUT", "0")
+
+
 def _unexpected_children() -> list[psutil.Process]:
     me = psutil.Process()
     kernels = {pid for pid in KERNEL_PIDS if psutil.pid_exists(pid)}

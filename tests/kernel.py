@@ -5,7 +5,9 @@ stderr stream text, the error (name, value, traceback) and the displayed result,
 raw IOPub messages for tests that look at message order or parent headers (each with
 ``msg["arrived"]``, the ``time.time()`` at which this process received it). For a cell that
 the test acts on while it runs: ``Kernel.start`` sends it, ``Kernel.collect`` gathers the
-same later; ``Kernel.interrupt_once`` interrupts a cell once its ranks are in.
+same later; ``Kernel.interrupt_once`` interrupts a cell once its ranks are in. For a cell
+that asks for input (pdb on a rank): ``Kernel.converse`` answers each input_request on the
+stdin channel with the next of a scripted list of lines and records the prompts.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Cell:
     result: str | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    prompts: list[str] = field(default_factory=list)  # of the input requests, in order
 
     @property
     def traceback(self) -> str:
@@ -133,22 +136,38 @@ class Kernel:
         cell.seconds = time.monotonic() - started
         return cell
 
-    def start(self, code: str) -> str:
-        """Send ``code`` as a cell and return at once: its msg_id, for :meth:`collect`."""
-        return str(self.client.execute(code, store_history=True))
+    def start(self, code: str, allow_stdin: bool = False) -> str:
+        """Send ``code`` as a cell and return at once: its msg_id, for :meth:`collect`.
+        Without ``allow_stdin`` the kernel tells the cell that nothing can answer input(),
+        as nbclient does."""
+        return str(self.client.execute(code, store_history=True, allow_stdin=allow_stdin))
 
-    def collect(self, msg_id: str, timeout: float) -> Cell:
+    def converse(self, code: str, lines: list[str | None], timeout: float = 60.0) -> Cell:
+        """Run ``code``, answering its input requests with ``lines`` in order (``None``:
+        interrupt the kernel instead, the stop button); the prompts are in ``Cell.prompts``.
+        Requests beyond ``lines`` are recorded and left unanswered."""
+        started = time.monotonic()
+        cell = self.collect(self.start(code, allow_stdin=True), timeout, list(lines))
+        cell.seconds = time.monotonic() - started
+        return cell
+
+    def collect(self, msg_id: str, timeout: float, lines: list[str | None] | None = None
+                ) -> Cell:
         """Everything the cell ``msg_id`` showed from now until the kernel is idle (and has
-        replied); TimeoutError after ``timeout`` seconds."""
+        replied); TimeoutError after ``timeout`` seconds. ``lines``: see :meth:`converse`."""
         cell = Cell(msg_id)
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"cell {msg_id} did not finish in {timeout} s;"
-                                   f" stdout so far:\n{cell.stdout}\nstderr:\n{cell.stderr}")
+                                   f" stdout so far:\n{cell.stdout}\nstderr:\n{cell.stderr}"
+                                   f"\nprompts: {cell.prompts}")
+            if lines is not None:
+                self._answer_input(cell, lines)
             try:
-                msg = self.client.get_iopub_msg(timeout=remaining)
+                msg = self.client.get_iopub_msg(
+                    timeout=remaining if lines is None else min(remaining, 0.05))
             except queue.Empty:
                 continue
             if msg["parent_header"].get("msg_id") != msg_id:
@@ -170,6 +189,22 @@ class Kernel:
         # Drain the shell reply so the next execute starts clean.
         self.client.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
         return cell
+
+    def _answer_input(self, cell: Cell, lines: list[str | None]) -> None:
+        try:
+            request = self.client.get_stdin_msg(timeout=0.05)
+        except queue.Empty:
+            return
+        if request["parent_header"].get("msg_id") != cell.msg_id:
+            return
+        cell.prompts.append(request["content"]["prompt"])
+        if not lines:
+            return
+        line = lines.pop(0)
+        if line is None:
+            self.interrupt()
+        else:
+            self.client.input(line)
 
     def ok(self, code: str, timeout: float = 60.0) -> Cell:
         return self.execute(code, timeout).check()

@@ -489,7 +489,7 @@ def test_bad_usage_is_explained(nb: Kernel) -> None:
     assert name == "RanksError" and "unknown %ranks command 'frobnicate'" in text
     assert "start, push, pull, status, stacks, restart or stop" in text
     assert error_of("%ranks")[1].startswith(
-        "usage: %ranks start|push|pull|status|stacks|restart|stop")
+        "usage: %ranks start|push|pull|status|stacks|debug|on|off|restart|stop")
     name, text = error_of("%ranks start -n two")
     assert name == "RanksError" and "%ranks start: argument -n: invalid int value" in text
     run(nb, "%ranks start -n 2")

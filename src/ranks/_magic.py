@@ -10,6 +10,7 @@ every other magic:
     x = %ranks pull name [--rank R]                  values from the ranks
     %ranks status                                    rank, pid, device, GPU memory, state
     %ranks stacks                                    every rank's threads, identical ones once
+    %ranks debug [--rank R]                          pdb post-mortem where a rank raised
     %ranks restart                                   a new World with the same arguments
     %ranks stop                                      close it
 
@@ -101,12 +102,13 @@ class RanksMagics:
     def line(self, line: str) -> Any:
         words = _words(line)
         if not words:
-            raise RanksError("usage: %ranks start|push|pull|status|stacks|restart|stop ...")
+            raise RanksError("usage: %ranks start|push|pull|status|stacks|debug|on|off|restart|"
+                             "stop ...")
         command, rest = words[0], words[1:]
         handler = getattr(self, f"_cmd_{command}", None)
         if handler is None:
             raise RanksError(f"unknown %ranks command {command!r}: use start, push, pull,"
-                             " status, stacks, restart or stop")
+                             " status, stacks, debug, on, off, restart or stop")
         return handler(rest)
 
     def _cmd_start(self, args: list[str]) -> None:
@@ -159,6 +161,12 @@ class RanksMagics:
         parser.add_argument("--rank", type=int, default=None)
         options = parser.parse_args(args)
         return self._world().pull(options.name, options.rank)
+
+    def _cmd_debug(self, args: list[str]) -> None:
+        parser = _Parser(prog="%ranks debug", add_help=False)
+        parser.add_argument("--rank", type=int, default=None)
+        options = parser.parse_args(args)
+        self._world().debug(options.rank)
 
     # --- %%ranks ------------------------------------------------------------------------
 

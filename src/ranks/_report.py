@@ -22,12 +22,10 @@ def build_error(
     outcomes: Mapping[int, Outcome], pids: Mapping[int, int], devices: Mapping[int, str]
 ) -> BaseException | None:
     """The exception for these outcomes, or None if every rank succeeded."""
-    failed = [o for o in outcomes.values() if not o.ok]
-    if not failed:
+    cause = _cause(outcomes)
+    if cause is None:
         return None
-    # A rank we stopped is an echo of another failure, unless nothing else failed.
-    own = [o for o in failed if o.stopped_by is None] or failed
-    cause = min(own, key=lambda o: (o.at, o.rank))
+    failed = [o for o in outcomes.values() if not o.ok]
     error = _exception_of(cause, pids, devices)
     others = sorted((o for o in failed if o is not cause), key=lambda o: o.rank)
     if others:
@@ -35,6 +33,21 @@ def build_error(
             f"  rank {o.rank}: {_summary(o)}" for o in others
         ))
     return error
+
+
+def raising_rank(outcomes: Mapping[int, Outcome]) -> int | None:
+    """The rank whose own exception the error shows (None: none raised, or one died)."""
+    cause = _cause(outcomes)
+    return cause.rank if cause is not None and isinstance(cause.reply, Failed) else None
+
+
+def _cause(outcomes: Mapping[int, Outcome]) -> Outcome | None:
+    failed = [o for o in outcomes.values() if not o.ok]
+    if not failed:
+        return None
+    # A rank we stopped is an echo of another failure, unless nothing else failed.
+    own = [o for o in failed if o.stopped_by is None] or failed
+    return min(own, key=lambda o: (o.at, o.rank))
 
 
 def _exception_of(

@@ -16,6 +16,12 @@ running:
 Where signals cannot reach one process (Windows, the portable start), the rank's handle
 sends messages instead, and "its process group" is its job object (see ``_portable``).
 
+A rank whose pdb waits for a line (``breakpoint()``, see ``_rank_pdb``) sends DebugPrompt;
+the wait loop asks the user for that line (``_notebook.ask_user``: the cell's input box)
+and sends it back, one prompt at a time, staying with the rank it asked last while that
+rank keeps stopping. Meanwhile nothing else is read: the others run on until their output
+pipe fills, or wait in a collective. Such a rank is not stuck: it answers SIGINT at once.
+
 Escalation starts when a rank fails (the others are stopped at once: a peer blocked in a
 Gloo or NCCL collective would otherwise wait for it forever), on ``timeout``, and on an
 interrupt of the kernel; a second interrupt skips to SIGKILL. A rank that is still starting
@@ -34,6 +40,7 @@ exception the cell shows.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import itertools
 import logging
@@ -51,7 +58,18 @@ from . import _notebook, _protocol, _runtime_dir
 from ._errors import RankCrashed, RanksTimeout
 from ._output import OutputRouter, Sink, TerminalSink, new_log_dir
 from ._placement import RankSpec
-from ._protocol import Call, CallKind, Close, Done, Failed, Init, Interrupted, Ready
+from ._protocol import (
+    Call,
+    CallKind,
+    Close,
+    DebugInput,
+    DebugPrompt,
+    Done,
+    Failed,
+    Init,
+    Interrupted,
+    Ready,
+)
 from ._spawn import KILL, OutputStream, RankProcess
 from ._stacks import ENDED, ThreadStack, parse_dump, rank_text
 from ._template import launch_ranks, settle_closed_templates
@@ -76,6 +94,12 @@ STACK_DUMP_WAIT = 0.3
 STACK_DUMP_PATIENCE = 1.0
 STACK_DUMP_POLL = 0.05
 INTERRUPT_POLL = 0.25
+# After answering a rank's pdb, how long its next prompt (after `n`, `s`) is waited for
+# before another rank's prompt is served: a session should not jump between ranks.
+DEBUG_STAY = 0.3
+NO_FRONTEND_NOTE = (
+    "ranks: pdb stopped here, but nothing can answer it (this client sends no input, as"
+    " nbclient does, or the script has no terminal); continuing as after `c`")
 # How long a reply (or a call's start) waits for the output written before it, where a
 # thread relays that output (see _catch_up_output). A rank whose user code closed or
 # redirected its fd 1 or 2 waits it out once; the marks are then taken as read.
@@ -152,6 +176,9 @@ class Supervisor:
         self._stacks_lock = threading.Lock()  # one dump at a time: they share the files
         self._closed = False
         self._first_step = 0  # of the escalation, in the current wait: see the docstring
+        self._prompts: dict[int, DebugPrompt] = {}  # rank -> the line its pdb waits for
+        self._debugging: tuple[int, float] | None = None  # rank asked last, when answered
+        self._no_frontend = False  # found during this call: answer every prompt at once
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -372,7 +399,12 @@ class Supervisor:
                     self._escalate(pending, first_step=2 if interrupted else 0)
                     interrupted = True
                 self._stop_on_failure(pending, outcomes)
+                if self._prompts and not interrupted and timed_out is None:
+                    self._serve_prompt(pending, deadline)
         self._escalating.clear()
+        self._prompts.clear()  # of ranks that were stopped: their pdb is gone
+        self._debugging = None
+        self._no_frontend = False
         self._drain()  # all that was written before the call ended is the call's (the cell's)
         self.router.flush()
         hung, self._hung = self._hung or {}, None
@@ -514,10 +546,13 @@ class Supervisor:
         try:
             while proc.conn.poll():
                 message = _protocol.recv(proc.conn)
-                if isinstance(message, (Ready, Done, Failed)):
+                if isinstance(message, (Ready, Done, Failed, DebugPrompt)):
                     self._catch_up_output(proc)
                 if isinstance(message, Interrupted):
                     self._responding(rank, message.in_user_code)
+                    continue
+                if isinstance(message, DebugPrompt):
+                    self._prompts[rank] = message
                     continue
                 if expect is None or rank not in pending:
                     continue
@@ -574,6 +609,81 @@ class Supervisor:
             _wait_for([out.waitable for out in proc.output], left)
             for out in list(proc.output):
                 self._read_output(proc, out)
+
+    # --- pdb on the ranks ----------------------------------------------------------------
+
+    def _serve_prompt(self, pending: set[int], deadline: float | None) -> None:
+        """Ask the user for the line that one rank's pdb waits for, and send it there."""
+        askable = [r for r in self._prompts if r in pending and r not in self._escalating]
+        if not askable:
+            return
+        rank = askable[0]  # the one that asked first
+        if self._debugging is not None:
+            last, answered = self._debugging
+            if last in askable:
+                rank = last
+            elif last in pending and time.monotonic() - answered < DEBUG_STAY:
+                return  # it may stop again at once (after `n`): stay with it
+        prompt = self._prompts.pop(rank)
+        self._drain()  # the rank's listing above the input box
+        self.router.release_held()
+        self.router.flush()
+        line: str | None = None
+        if not self._no_frontend:
+            try:
+                line = self._ask_user(prompt.prompt, deadline)
+            except _NotAnswered:
+                return  # interrupted or out of time: the wait loop stops the ranks
+            if line is None:
+                self._no_frontend = True
+                self.router.note(rank, NO_FRONTEND_NOTE)
+                log.info("rank %d: %s", rank, NO_FRONTEND_NOTE)
+        self._debugging = (rank, time.monotonic())
+        with contextlib.suppress(OSError):  # died meanwhile: its sentinel says so
+            _protocol.send(self._procs[rank].conn, DebugInput(prompt.prompt_id, line))
+
+    def _ask_user(self, prompt: str, deadline: float | None) -> str | None:
+        """``_notebook.ask_user``, stopped by the kernel's interrupt and by ``deadline``.
+
+        While it waits, an interrupt must raise KeyboardInterrupt as Python's own handler
+        does: ipykernel's raw_input polls its stdin socket and only that ends its wait. The
+        deadline interrupts it the same way, from a timer (main thread only: an interrupt
+        goes there).
+        """
+        with contextlib.suppress(BlockingIOError):  # interrupted before we got here
+            self._interrupts_seen += len(self._interrupt_pipe[0].recv(64))
+        if self._interrupts_seen:
+            raise _NotAnswered
+        in_main = threading.current_thread() is threading.main_thread()
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            _thread.interrupt_main()
+
+        timer = None
+        if deadline is not None and in_main:
+            timer = threading.Timer(max(0.0, deadline - time.monotonic()), expire)
+            timer.daemon = True
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler) if in_main else None
+        try:
+            if timer is not None:
+                timer.start()
+            try:
+                return _notebook.ask_user(prompt)
+            except EOFError:
+                return "EOF"  # Ctrl+D: what pdb does at a terminal
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                    timer.join()
+        except KeyboardInterrupt:
+            if not expired.is_set():
+                self._interrupts_seen += 1
+            raise _NotAnswered from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     def _record_death(self, proc: RankProcess, outcomes: dict[int, Outcome], during: str) -> None:
         rank = proc.spec.rank
@@ -701,6 +811,10 @@ class Supervisor:
             dumps = {proc.spec.rank: _read(proc.stacks_path) for proc in live}
         ended = (ThreadStack(main=True, summary=ENDED),)
         return {rank: parse_dump(dumps[rank]) if rank in dumps else ended for rank in ranks}
+
+
+class _NotAnswered(Exception):
+    """The user interrupted the wait for a line, or the call ran out of time."""
 
 
 def _wait_for(sources: list[object], timeout: float | None) -> list[object]:

@@ -52,6 +52,8 @@ from ._protocol import (
     Call,
     CallKind,
     Close,
+    DebugInput,
+    DebugPrompt,
     Done,
     DumpStacks,
     Failed,
@@ -123,6 +125,7 @@ def main(argv: list[str]) -> None:
     _flush_all()
     _protocol.send(conn, Ready(os.getpid()))
 
+    _install_debugger(conn)
     commands: queue.Queue[_protocol.Message] = queue.Queue()
     threading.Thread(target=_read_commands, args=(conn, commands), daemon=True,
                      name="ranks-control").start()
@@ -137,6 +140,25 @@ def _leave(status: int) -> NoReturn:
     wrote to disk itself (the logs of a ``ranks.run`` it made) is removed here."""
     _runtime_dir.remove_process_dir()
     os._exit(status)
+
+
+def _install_debugger(conn: Connection) -> None:
+    """``breakpoint()`` in the user's code asks the kernel for its lines (``_rank_pdb``)."""
+    from . import _rank_pdb
+
+    def ask_kernel(prompt: DebugPrompt) -> None:
+        global _interrupt_held
+        _flush_all()  # what pdb printed (the listing) shows before the input box
+        # Raised mid-frame, a KeyboardInterrupt would corrupt the channel: hold it till after.
+        _interrupt_held = False
+        try:
+            _send(conn, prompt)
+        finally:
+            interrupted, _interrupt_held = _interrupt_held, None
+        if interrupted:
+            raise KeyboardInterrupt
+
+    _rank_pdb.install(ask_kernel)
 
 
 def _guard_descendants(parent_pidfd: int | None) -> None:
@@ -283,6 +305,11 @@ def _read_commands(conn: Connection, commands: queue.Queue[_protocol.Message]) -
         if isinstance(message, Interrupt):
             _interrupt_main_thread()
             continue
+        if isinstance(message, DebugInput):
+            from ._rank_pdb import deliver
+
+            deliver(message.prompt_id, message.line)
+            continue
         if isinstance(message, DumpStacks):
             faulthandler.dump_traceback(file=_stacks_file, all_threads=True)
             _stacks_file.flush()
@@ -351,6 +378,9 @@ def _serve(conn: Connection, commands: queue.Queue[_protocol.Message]) -> None:
 
 
 _in_user_code = False
+# While pdb's prompt is sent from within the user's code: False, or True once an interrupt
+# came meanwhile (raised after the frame is out); None otherwise.
+_interrupt_held: bool | None = None
 # Written by the SIGINT handler, read by the control thread, which tells the kernel. Not
 # _send: the handler runs in the main thread, possibly inside _send, so it must not take
 # the lock. Made by main(), not at import.
@@ -367,9 +397,13 @@ def _on_interrupt(signum: int, frame: Any) -> None:
     # main thread is not stuck in C code, so the kernel hears about it and waits for the
     # answer. It must stop the user's code and nothing else: raised while a reply is being
     # framed it would corrupt the channel, and raised while idle there is nothing to stop.
+    global _interrupt_held
     with contextlib.suppress(OSError):
         _interrupt_taken[1].send(b"u" if _in_user_code else b"o")
     if _in_user_code:
+        if _interrupt_held is not None:  # a frame is being sent from the user's code
+            _interrupt_held = True
+            return
         raise KeyboardInterrupt
 
 
@@ -414,9 +448,16 @@ def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
             elif call.kind is CallKind.PUSH:
                 namespace.update(values)
                 result = None
+            elif call.kind is CallKind.DEBUG:
+                from ._rank_pdb import post_mortem
+
+                post_mortem()
+                result = None
             else:
                 result = _pull(namespace, _serialize.loads(call.payload))
     except BaseException as error:
+        if call.kind in (CallKind.RUN, CallKind.EXEC):  # the user's code, not push or pull
+            _keep_for_post_mortem(error)
         # skip=1 drops this frame: the traceback starts in the user's code.
         return _failure(call.call_id, error, "running the function", skip=1)
 
@@ -426,6 +467,15 @@ def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
     except BaseException as error:
         return _failure(call.call_id, error, "sending the result to the kernel", skip=0)
     return Done(call.call_id, payload)
+
+
+def _keep_for_post_mortem(error: BaseException) -> None:
+    """Where the interpreter keeps an uncaught exception, for ``World.debug`` (and the
+    user's own ``pdb.pm()``), as IPython does for ``%debug``. Without this frame."""
+    tb = error.__traceback__
+    sys.last_type, sys.last_value = type(error), error
+    sys.last_exc = error  # type: ignore[attr-defined,unused-ignore]  # Python 3.12+ keeps it here
+    sys.last_traceback = tb.tb_next if tb is not None and tb.tb_next is not None else tb
 
 
 def _fill_missing_globals(fn: Any, namespace: dict[str, Any]) -> None:

@@ -37,7 +37,7 @@ from ._dataplane import Folders
 from ._errors import RanksError, RanksTimeout, WorldBroken, add_note
 from ._placement import RankSpec, gpu_memory_by_pid, plan_ranks, visible_gpus
 from ._protocol import CallKind, Done, Init
-from ._report import build_error
+from ._report import build_error, raising_rank
 from ._stacks import Stacks, hang_note
 from ._supervisor import INTERRUPT_POLL, Supervisor, WaitResult
 
@@ -111,6 +111,7 @@ class World:
         self._specs = specs
         self._broken: str | None = None
         self._sent_cells: set[str] = set()
+        self._raised_on: int | None = None  # the rank of the last call's exception, for debug()
         self._big_sent: dict[str, weakref.ref[Any]] = {}  # see _warn_if_resent
         self._big_warned: set[str] = set()
         # Held by whichever thread uses the Supervisor, which is not thread-safe: two calls
@@ -251,6 +252,20 @@ class World:
             raise RanksError("this World is closed; start a new one")
         return Stacks(self._supervisor.stacks())
 
+    def debug(self, rank: int | None = None) -> None:
+        """pdb at the frame where the last failed call raised on ``rank``, as IPython's
+        ``%debug``: by default the rank whose exception the cell showed. Its prompt, labelled
+        with the rank, reads from the cell's input box; ``q`` ends it."""
+        __tracebackhide__ = True
+        if rank is None:
+            rank = self._raised_on
+            if rank is None:
+                raise RanksError("no call on this World raised on a rank yet: nothing to"
+                                 " debug (World.debug(rank=R) picks a rank)")
+        targets = _check_ranks([rank], self.size)
+        nothing = _serialize.Packed(b"")
+        self._call(CallKind.DEBUG, dict.fromkeys(targets, nothing), None, lambda r: True)
+
     def log_path(self, rank: int) -> str:
         """The file holding everything ``rank`` printed (also what was not shown)."""
         return self._supervisor.log_path(rank)
@@ -321,6 +336,9 @@ class World:
             for payload in staged.values():
                 _dataplane.release(payload)
         replies = {rank: o.reply for rank, o in result.outcomes.items()}
+        raised_on = raising_rank(result.outcomes)
+        if raised_on is not None and kind in (CallKind.RUN, CallKind.EXEC):
+            self._raised_on = raised_on  # what the ranks keep for debug(): see _worker
         error = self._failure_of(result)
         if error is not None:
             _release_results(replies)
