@@ -43,14 +43,16 @@ PRINTS = """
 """
 
 
-LABEL = re.compile(r"^\[ranks? ([0-9,-]+)\] (.*)$")
+LABEL = re.compile(r"^\[ranks? ([0-9, -]+)\] (.*)$")
 
 
 def ranks_of(label: str) -> list[int]:
-    if "-" in label:
-        first, last = label.split("-")
-        return list(range(int(first), int(last) + 1))
-    return [int(rank) for rank in label.split(",")]
+    """``0-3, 6`` -> [0, 1, 2, 3, 6]."""
+    found = []
+    for part in label.split(", "):
+        first, _, last = part.partition("-")
+        found += range(int(first), int(last or first) + 1)
+    return found
 
 
 def grouped(lines: list[str], text: str) -> list[list[int]]:

@@ -487,7 +487,7 @@ def test_bad_usage_is_explained(nb: Kernel) -> None:
     assert "no ranks are running" in error_of("%%ranks\npass")[1]
     name, text = error_of("%ranks frobnicate")
     assert name == "RanksError" and "unknown %ranks command 'frobnicate'" in text
-    assert "start, push, pull, status, stacks, restart or stop" in text
+    assert "start, push, pull, status, stacks, debug, on, off, restart or stop" in text
     assert error_of("%ranks")[1].startswith(
         "usage: %ranks start|push|pull|status|stacks|debug|on|off|restart|stop")
     name, text = error_of("%ranks start -n two")
