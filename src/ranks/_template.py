@@ -121,8 +121,9 @@ class Template:
 
     def __init__(self, denied: Iterable[str] = (), background: bool = False) -> None:
         self.denied = set(denied)
-        # Started to replace a stale template: calls spawn rather than wait for it to be ready.
+        # Started in the background (see get_template): calls spawn rather than wait for it.
         self.background = background
+        self.started = time.monotonic()
         self.report: dict[str, Any] = {}
         self.log_path = _template_log_path()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -160,8 +161,14 @@ class Template:
         return not self._closed and self._popen.poll() is None
 
     def answered(self) -> bool:
-        """Has the template said whether it started (without waiting for it)?"""
-        return self._ready or bool(wait([self._sock], 0))
+        """Has the template said whether it started (without waiting for it)? RuntimeError
+        when it has been silent too long: it will not start."""
+        if self._ready or wait([self._sock], 0):
+            return True
+        if time.monotonic() - self.started > READY_TIMEOUT:
+            raise RuntimeError(f"the ranks template did not start in {READY_TIMEOUT:g} s"
+                               f" (its log: {self.log_path})")
+        return False
 
     def wait_ready(self, deadline: float | None = None) -> None:
         """Block until the template has preloaded and checked itself; raise if it failed."""
