@@ -609,6 +609,26 @@ def test_item4_a_transient_failure_does_not_turn_the_template_off(
     assert len(fresh_kernel.value("kept.messages")) == len(messages)  # said once
 
 
+@pytest.mark.timeout(90)
+def test_item4_an_environment_too_large_for_one_request_spares_the_template(
+    fresh_kernel: Kernel,
+) -> None:
+    """300 KB of environment does not fit in one message to the template (a socket's send
+    buffer is 208 KiB by default), though exec takes it (each variable < 128 KiB): that
+    call spawns its ranks, and the template stays to fork the next."""
+    cell(fresh_kernel, "import os, ranks")
+    template = the_template_after_a_call(fresh_kernel)
+    cell(fresh_kernel, """
+        for i in range(3):
+            os.environ[f"RANKS_TEST_LARGE_{i}"] = "x" * 100_000
+        sizes = ranks.run(lambda: len(os.environ["RANKS_TEST_LARGE_2"]), n=2)
+        for i in range(3):
+            del os.environ[f"RANKS_TEST_LARGE_{i}"]
+    """)
+    assert fresh_kernel.value("sizes") == [100_000, 100_000]
+    assert kernel_value_of_parents(fresh_kernel) == [template, template]
+
+
 def kernel_value_of_parents(kernel: Kernel) -> list[int]:
     return list(kernel.value("ranks.run(os.getppid, n=2)", timeout=90))
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import importlib
 import io
 import logging
@@ -216,14 +217,25 @@ class Template:
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError("no time left to fork a rank")
         with RankEnds() as ends:
+            sent = False
             try:
                 request = pickle.dumps(("fork", dict(env), cwd, stacks_path))
                 socket.send_fds(self._sock, [request], list(ends.child_fds))
+                sent = True
                 # A request sent is answered at once (the template is ready): a reply a
                 # little past the deadline is still worth taking, rather than giving the
                 # template up for it.
                 late = None if deadline is None else max(deadline, time.monotonic() + 2.0)
                 reply, fds = self._recv(late, "did not fork a rank in time")
+            except OSError as error:
+                if not sent and error.errno == errno.EMSGSIZE:
+                    # Larger than the socket's send buffer (net.core.wmem_default, 208 KiB
+                    # by default): the environment, mostly. Nothing was sent: still in step.
+                    raise TooLargeToFork(f"the rank's environment is too large to send to"
+                                         f" the ranks template ({len(request)} bytes)"
+                                         ) from error
+                self.close()
+                raise
             except BaseException:
                 # Interrupted, or out of time, between the request and its reply: that
                 # reply would answer our next request. Nobody uses this template again.
@@ -373,6 +385,10 @@ class TemplateUnsafe(RuntimeError):
         self.module = module
 
 
+class TooLargeToFork(Exception):
+    """A rank's request did not fit in one message to the template; the template is fine."""
+
+
 class TemplateUnavailable(RuntimeError):
     """No template can be safe in this kernel, whatever it leaves out: a cause that stays."""
 
@@ -463,6 +479,10 @@ def launch_ranks(
                 try:
                     process = template.fork_rank(spec, env, cwd, stacks_path, deadline)
                     _recovered()
+                    break
+                except TooLargeToFork as error:
+                    log.info("ranks: %s; starting the rank by spawn", error)
+                    process = spawn_rank(spec, env, cwd, stacks_path)
                     break
                 except TemplateUnsafe as unsafe:
                     _forget_or_give_up(unsafe)
