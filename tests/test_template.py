@@ -615,18 +615,23 @@ def test_item4_an_environment_too_large_for_one_request_spares_the_template(
 ) -> None:
     """300 KB of environment does not fit in one message to the template (a socket's send
     buffer is 208 KiB by default), though exec takes it (each variable < 128 KiB): that
-    call spawns its ranks, and the template stays to fork the next."""
-    cell(fresh_kernel, "import os, ranks")
+    call spawns its ranks, and the template stays to fork the next. A module imported
+    meanwhile is still preloaded (under the environment the template has)."""
+    (fresh_kernel.workdir / "imported_meanwhile.py").write_text("VALUE = 1\n")  # type: ignore[attr-defined]
+    cell(fresh_kernel, "import os, sys, ranks")
     template = the_template_after_a_call(fresh_kernel)
     cell(fresh_kernel, """
         for i in range(3):
             os.environ[f"RANKS_TEST_LARGE_{i}"] = "x" * 100_000
+        import imported_meanwhile
         sizes = ranks.run(lambda: len(os.environ["RANKS_TEST_LARGE_2"]), n=2)
         for i in range(3):
             del os.environ[f"RANKS_TEST_LARGE_{i}"]
     """)
     assert fresh_kernel.value("sizes") == [100_000, 100_000]
     assert kernel_value_of_parents(fresh_kernel) == [template, template]
+    assert fresh_kernel.value("ranks.run(lambda: 'imported_meanwhile' in sys.modules, n=2)") \
+        == [True, True]
 
 
 def kernel_value_of_parents(kernel: Kernel) -> list[int]:

@@ -199,7 +199,13 @@ class Template:
             # The template imports them from the kernel's folder and sys.path as they are now,
             # and under its environment: a module that reads a variable at import gets the
             # value the kernel's import got.
-            self._send(("config", list(sys.path), os.getcwd(), kernel_environment()))
+            config = ("config", list(sys.path), os.getcwd())
+            try:
+                self._send((*config, kernel_environment()))
+            except OSError as error:
+                if error.errno != errno.EMSGSIZE:
+                    raise
+                self._send((*config, None))  # too large (see fork_rank): keep the one it has
             self._send(("preload", new))
 
     def stale(self) -> bool:
@@ -680,8 +686,9 @@ def serve(argv: list[str]) -> None:
                 sys.path[:] = sys_path
                 with contextlib.suppress(OSError):
                     os.chdir(cwd)
-                os.environ.clear()
-                os.environ.update(env)
+                if env is not None:
+                    os.environ.clear()
+                    os.environ.update(env)
             elif message[0] == "preload" and poisoned is None:
                 report = _preload(message[1])
                 if report.get("poisoned"):
