@@ -725,3 +725,28 @@ def test_item10_a_variable_read_at_import_restarts_the_template_in_the_backgroun
     assert wait_for(lambda: gone(old), EXIT_DEADLINE)
     new = forked_from_a_new_template(fresh_kernel, old)
     assert the_template(fresh_kernel.pid).pid == new
+
+
+@pytest.mark.timeout(120)
+def test_item4_a_template_unsafe_whatever_it_preloads_is_given_up_for_good(
+    tmp_path: Path,
+) -> None:
+    """The permanent cause keeps its old answer: every interpreter of this kernel's
+    environment starts a thread at start-up (a sitecustomize), so no template is safe to
+    fork from; ranks spawn, it is said once, and no template is tried again."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(THREADED_MODULE)
+    pythonpath = os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])
+    kernel = Kernel(str(tmp_path), env={"PYTHONPATH": pythonpath})
+    try:
+        cell(kernel, "import os, time, ranks\n" + CAPTURE_LOG)
+        first = kernel_value_of_parents(kernel)
+        time.sleep(RETRY_WAIT)
+        later = [kernel_value_of_parents(kernel) for _ in range(2)]
+        assert first == later[0] == later[1] == [kernel.pid, kernel.pid]
+        assert templates(kernel.pid) == []
+        given_up = [m for m in kernel.value("kept.messages") if "from now on" in m]
+        assert len(given_up) == 1 and "safe" in given_up[0], kernel.value("kept.messages")
+    finally:
+        kernel.shutdown()
