@@ -9,6 +9,11 @@ rank. These tests pin what makes that safe and invisible to the notebook:
 * it starts on first use (never at ``import ranks``), one per kernel;
 * it follows the kernel: ``sys.path``, working directory, environment, and the modules the
   notebook imports later;
+* an ``os.environ`` change reaches the ranks without a new template; one of a variable read
+  at start-up gets a new template in the background, and calls spawn rather than wait;
+* a failure that may pass (few fds, a huge environment, a template killed from outside)
+  spawns that call's ranks and the template is tried again after a back-off; only a
+  template unsafe whatever it preloads is given up for the kernel's life;
 * it dies with the kernel, and leaves nothing after a shutdown;
 * a module that starts a thread when imported is left out of it (fork from a threaded
   process is unsafe), with a warning, and runs still work;
