@@ -307,6 +307,7 @@ def _open_world(kernel: Kernel) -> tuple[psutil.Process, list[int]]:
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.kills_kernel
 def test_template_and_ranks_die_with_a_killed_kernel(fresh_kernel: Kernel) -> None:
     template, rank_pids = _open_world(fresh_kernel)
     kernel_pid = fresh_kernel.pid
@@ -755,3 +756,13 @@ def test_item4_a_template_unsafe_whatever_it_preloads_is_given_up_for_good(
         assert len(given_up) == 1 and "safe" in given_up[0], kernel.value("kept.messages")
     finally:
         kernel.shutdown()
+
+
+def test_forked_ranks_draw_different_random_numbers(kernel: Kernel) -> None:
+    """As spawned ranks and torchrun's workers do: torch's, numpy's and Python's generators
+    are not the template's state copied into every rank."""
+    kernel.ok("import numpy, torch\nranks.run(int, n=1)")  # the template preloads both
+    draws = kernel.value("""ranks.run(lambda: (__import__("torch").rand(1).item(),
+                                   __import__("numpy").random.rand(),
+                                   __import__("random").random()), n=2)""")
+    assert all(a != b for a, b in zip(*draws, strict=True)), draws

@@ -653,6 +653,9 @@ def _template_log_path() -> str:
 
 
 def serve(argv: list[str]) -> None:
+    # What every rank runs, imported once here rather than after each fork (the rank side
+    # and its debugger, which imports pdb: tens of milliseconds per rank otherwise).
+    from . import _rank_pdb, _worker  # noqa: F401
     sock = socket.socket(fileno=int(argv[0]))
     kernel_gone = watch_parent(int(argv[1]))
     kernel_fds = [] if kernel_gone is None else [kernel_gone]
@@ -826,6 +829,11 @@ def _become_rank(env: Mapping[str, str], cwd: str, out_write: int, err_write: in
     if torch is not None and env.get("OMP_NUM_THREADS", "").isdigit():
         # torch read OMP_NUM_THREADS when the template imported it, under another value.
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    # Forked ranks would otherwise share the template's random state, where spawned ones
+    # (and torchrun's workers) each start from their own: the same "random" init and
+    # dropout on every rank. Python's random module reseeds itself after a fork.
     numpy = sys.modules.get("numpy")
     if numpy is not None:
-        numpy.random.seed()  # forked ranks would otherwise share the template's state
+        numpy.random.seed()
+    if torch is not None:
+        torch.seed()  # CUDA's generators are seeded lazily: this initialises no CUDA
