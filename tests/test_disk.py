@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from kernel import Kernel
 
+import ranks
+
 pytestmark = pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0,
                                 reason="makes folders of another user: needs root")
 
@@ -296,3 +298,16 @@ def test_logs_of_a_failed_call_stay_while_the_kernel_lives_and_the_error_names_t
     assert Path(folder.group(1)).is_dir()
     kernel.shutdown()
     assert not Path(found.group(1)).exists()
+
+
+@pytest.mark.timeout(120)
+def test_an_open_worlds_logs_outlive_any_number_of_newer_worlds() -> None:
+    """Only closed Worlds' log folders are pushed out by newer ones: an open World's ranks
+    write to theirs until it closes (found by the chaos soak)."""
+    from ranks import _output
+
+    with ranks.World(n=1) as world:
+        for _ in range(_output.KEEP_LOG_DIRS + 2):
+            ranks.run(int, n=1, output="none")
+        world.run(print, args=("still logged",))
+        assert "still logged" in Path(world.log_path(0)).read_text()

@@ -382,6 +382,7 @@ class OutputRouter:
         for log in self._logs.values():
             log.close()
         self._logs.clear()
+        _retire_log_dir(self._log_dir)
 
     def _line(self, rank: int, stream: str, text: str, finishes_redraw: bool = False) -> None:
         self._tails.setdefault(rank, deque(maxlen=TAIL_LINES)).append(text)
@@ -427,22 +428,29 @@ class OutputRouter:
         return log
 
 
-_log_dirs: deque[str] = deque()
+_retired_log_dirs: deque[str] = deque()  # of closed Worlds, oldest first
 _kept_log_dirs: set[str] = set()  # of Worlds with a failed call: kept until exit
 _log_numbers = itertools.count(1)
 
 
 def new_log_dir() -> str:
-    """A folder for one World's rank logs; this process keeps the last KEEP_LOG_DIRS, and
-    those of failed calls, until it exits (see ``_runtime_dir``).
+    """A folder for one World's rank logs. It stays while its World is open; after that,
+    this process keeps those of the last KEEP_LOG_DIRS closed Worlds, and those of failed
+    calls, until it exits (see ``_runtime_dir``).
 
     The logs must outlive a one-shot call (a flood's summary, an error, points at them),
     so they are removed when newer Worlds push them out and at exit, not at close.
     """
-    path = _runtime_dir.new_dir(f"world-{next(_log_numbers)}-")
-    _log_dirs.append(path)
-    while len(_log_dirs) > KEEP_LOG_DIRS:
-        old = _log_dirs.popleft()
+    return _runtime_dir.new_dir(f"world-{next(_log_numbers)}-")
+
+
+def _retire_log_dir(path: str) -> None:
+    """The World writing to ``path`` has closed: it may now be pushed out by newer ones
+    (never before: its ranks would lose their log mid-call)."""
+    if path in _retired_log_dirs:
+        return  # closed twice
+    _retired_log_dirs.append(path)
+    while len(_retired_log_dirs) > KEEP_LOG_DIRS:
+        old = _retired_log_dirs.popleft()
         if old not in _kept_log_dirs:
             shutil.rmtree(old, ignore_errors=True)
-    return path
