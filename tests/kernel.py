@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,10 +122,11 @@ class Kernel:
         assert provisioner is not None
         return int(provisioner.process.pid)  # type: ignore[attr-defined]
 
-    def execute(self, code: str, timeout: float = 60.0) -> Cell:
+    def execute(self, code: str, timeout: float = 60.0,
+                on_start: Callable[[], None] | None = None) -> Cell:
         started = time.monotonic()
         try:
-            cell = self.collect(self.start(code), timeout)
+            cell = self.collect(self.start(code), timeout, on_start)
         except TimeoutError as error:
             raise TimeoutError(f"{error}\nthe cell:\n{code}") from None
         cell.seconds = time.monotonic() - started
@@ -134,9 +136,12 @@ class Kernel:
         """Send ``code`` as a cell and return at once: its msg_id, for :meth:`collect`."""
         return str(self.client.execute(code, store_history=True))
 
-    def collect(self, msg_id: str, timeout: float) -> Cell:
+    def collect(self, msg_id: str, timeout: float,
+                on_start: Callable[[], None] | None = None) -> Cell:
         """Everything the cell ``msg_id`` showed from now until the kernel is idle (and has
-        replied); TimeoutError after ``timeout`` seconds."""
+        replied); TimeoutError after ``timeout`` seconds. ``on_start`` is called when the
+        kernel starts to run the cell (its ``execute_input``): its SIGINT handler is in
+        place by then, so an interrupt sent from then on reaches the cell."""
         cell = Cell(msg_id)
         deadline = time.monotonic() + timeout
         while True:
@@ -162,6 +167,8 @@ class Kernel:
                 cell.error = content
             elif kind == "execute_result":
                 cell.result = content["data"].get("text/plain")
+            elif kind == "execute_input" and on_start is not None:
+                on_start()
             elif kind == "status" and content["execution_state"] == "idle":
                 break
         # Drain the shell reply so the next execute starts clean.
