@@ -89,8 +89,8 @@ CASES: dict[str, tuple[tuple[str, ...], int, set[str]]] = {
     "segfault": (("load", "run", "dump"), 1, CRASHED),
     "sigkill": (("load", "run", "dump"), 1, CRASHED),
     "timeout": (("run",), 1, {_name(ranks.RanksTimeout)}),
-    "interrupt": (("run",), 1, {_name(KeyboardInterrupt)}),
-    "template-kill": (("run",), 1, {OK, *CRASHED}),
+    "interrupt": (("run",), 2, {_name(KeyboardInterrupt)}),
+    "template-kill": (("run",), 2, {OK, *CRASHED}),
     "unprintable": (("run",), 1, {"__main__.Unprintable"}),
     "unpicklable": (("run",), 1, {_name(ranks.RankFailed)}),
     "unpickles-wrong": (("run",), 1, {_name(ranks.RankFailed)}),
@@ -149,21 +149,24 @@ def call(kind, where, n, output, seconds, in_world):
     fn, args, options = case(kind, where, seconds)
     try:
         if not in_world:
-            ranks.run(fn, args, n=n, output=output, **options)
+            results = ranks.run(fn, args, n=n, output=output, **options)
         elif kind == "broken-world":
+            n = world.size
             try:
-                world.run(fn, args)
+                results = world.run(fn, args)
             finally:
                 world.close()
                 world = None
         else:
             if world is None:
                 world = ranks.World(n)
-            world.run(fn, args, output=output, **options)
+            n = world.size
+            results = world.run(fn, args, output=output, **options)
     except BaseException as error:
         got = f"{{type(error).__module__}}.{{type(error).__qualname__}}"
     else:
-        got = "ok"
+        # One result per rank, each from a rank's own process.
+        got = "ok" if len(set(results)) == len(results) == n else f"wrong results {{results}}"
     return got, world is not None and world.broken is not None
 
 def broken_after_kill(killed):
@@ -177,16 +180,15 @@ def broken_after_kill(killed):
 
 def sample():
     me = psutil.Process()
-    template = ranks._template._template
     kids = me.children(recursive=True)
     templates = [c for c in me.children() if "ranks._template" in " ".join(c.cmdline())]
     return {{
-        "processes": len(kids) - len(templates),
+        "kernel children": len(kids) - len(templates),
         "templates": len(templates),
-        "threads": me.num_threads(),
-        "python threads": threading.active_count(),
-        # The template's socket comes and goes with the template.
-        "fds": me.num_fds() - (template is not None and template.alive),
+        "kernel threads": me.num_threads(),
+        "kernel Python threads": threading.active_count(),
+        # A template's socket comes and goes with the template.
+        "kernel fds": me.num_fds() - len(templates),
     }}
 """
 
@@ -228,7 +230,7 @@ def plan(rng: random.Random, kinds: list[str], calls: int) -> list[Call]:
     for index, method in enumerate(METHODS):
         count = calls // len(METHODS) + (index < calls % len(METHODS))
         drawn = [k for k in kinds if method == "template" or k != "template-kill"]
-        for _ in range(count):
+        for _ in range(count if drawn else 0):
             kind = rng.choices(drawn, [CASES[k][1] for k in drawn])[0]
             planned.append(Call(
                 method, kind, rng.choice(CASES[kind][0]), in_world=rng.random() < 0.5,
@@ -239,15 +241,16 @@ def plan(rng: random.Random, kinds: list[str], calls: int) -> list[Call]:
     return planned
 
 
-def kill_templates(kernel_pid: int) -> list[int]:
-    """SIGKILL the kernel's templates; the pids of the ranks they had forked."""
-    forked = []
+def kill_templates(kernel_pid: int) -> tuple[int, list[int]]:
+    """SIGKILL the kernel's templates: how many, and the pids of the ranks they had forked."""
+    killed, forked = 0, []
     for child in psutil.Process(kernel_pid).children():
         with contextlib.suppress(psutil.NoSuchProcess):
             if "ranks._template" in " ".join(child.cmdline()):
                 forked += [c.pid for c in child.children()]
                 child.send_signal(signal.SIGKILL)
-    return forked
+                killed += 1
+    return killed, forked
 
 
 @dataclass
@@ -272,6 +275,8 @@ class Soak:
         self.records: list[Record] = []
         self.problems: list[str] = []
         self.leftovers: Counter[str] = Counter()
+        self.templates_killed = 0
+        self.kills_without_template = 0  # the template was off (or not started yet)
 
     def run(self, k: Kernel, calls: list[Call]) -> None:
         k.ok(SETUP.format(tests=TESTS))
@@ -297,10 +302,15 @@ class Soak:
     def one(self, k: Kernel, call: Call) -> bool:
         """Run one call; True when it left the World broken."""
         killed: list[int] = []
+
+        def kill() -> None:
+            templates, forked = kill_templates(k.pid)
+            self.templates_killed += templates
+            self.kills_without_template += not templates
+            killed.extend(forked)
+
         action: Callable[[], None] | None = {
-            "interrupt": k.interrupt,
-            "template-kill": lambda: killed.extend(kill_templates(k.pid)),
-        }.get(call.kind)
+            "interrupt": k.interrupt, "template-kill": kill}.get(call.kind)
         timers: list[threading.Timer] = []
 
         def on_start() -> None:
@@ -309,7 +319,10 @@ class Soak:
                 timers[-1].start()
 
         started = time.monotonic()
-        cell = k.execute(call.code(), timeout=CELL_TIMEOUT, on_start=on_start)
+        try:
+            cell = k.execute(call.code(), timeout=CELL_TIMEOUT, on_start=on_start)
+        except TimeoutError as error:
+            raise AssertionError(f"{call}: the cell hung\n{error}") from None
         for timer in timers:
             timer.join()  # a kill may come after the cell: the next calls meet a dead template
         broken = False
@@ -393,6 +406,8 @@ def figures(soak: Soak, seed: int, seconds: float, planned: int) -> str:
                          + ", ".join(f"{name} {count}" for name, count in got.most_common()))
     by_type = Counter(short(r.got) for r in records)
     lines.append("  outcomes by type: " + ", ".join(f"{n} {c}" for n, c in by_type.most_common()))
+    lines.append(f"  templates killed: {soak.templates_killed}; kills that found none:"
+                 f" {soak.kills_without_template}")
     lines.append("  leftovers: " + ", ".join(f"{k} {v}" for k, v in soak.leftovers.items()))
     return "\n".join(lines)
 
@@ -413,22 +428,28 @@ def test_chaos_soak_leaves_nothing_and_every_call_gets_its_type(
     shm_before = _shm()
     soak = Soak()
     started = time.monotonic()
+    kernels = []
     for method in METHODS:
         with _kernel(tmp_path, method, tmp) as k:
+            kernels.append(k.pid)
             soak.run(k, [c for c in calls if c.method == method])
     seconds = time.monotonic() - started
 
     # Measured once the kernels are gone: what they would have removed at exit is gone too.
+    def left_running() -> list[psutil.Process]:
+        alive = [psutil.Process(pid) for pid in kernels if psutil.pid_exists(pid)]
+        return [*alive, *rank_processes()]
+
     deadline = time.monotonic() + SETTLE
-    while rank_processes() and time.monotonic() < deadline:
+    while left_running() and time.monotonic() < deadline:
         time.sleep(0.2)
-    soak.leftovers["rank processes"] = len(rank_processes())
+    soak.leftovers["processes after exit"] = len(left_running())
     new_shm = sorted(_shm() - shm_before)
     soak.leftovers["/dev/shm"] = len(new_shm)
     left_files = _ranks_files(tmp)
     soak.leftovers["temp files"] = len(left_files)
-    if soak.leftovers["rank processes"]:
-        soak.problems.append(f"rank processes left: {rank_processes()}")
+    if soak.leftovers["processes after exit"]:
+        soak.problems.append(f"processes left running: {left_running()}")
     if new_shm:
         soak.problems.append(f"/dev/shm entries left: {new_shm}")
     if left_files:
