@@ -178,10 +178,32 @@ def broken_after_kill(killed):
         time.sleep(0.05)
     return world.broken is not None
 
+def is_template(process):
+    try:
+        return "ranks._template" in " ".join(process.cmdline())
+    except psutil.Error:  # gone, or a zombie: not a running template
+        return False
+
+def describe():
+    # What a difference in sample() is made of: the kernel's children and open files.
+    children = []
+    for c in psutil.Process().children(recursive=True):
+        try:
+            children.append((c.pid, c.status(), " ".join(c.cmdline())[:80]))
+        except psutil.Error as error:
+            children.append((c.pid, type(error).__name__, ""))
+    fds = {{}}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/self/fd/{{name}}")
+        except OSError:
+            pass  # the listing's own fd
+    return children, fds
+
 def sample():
     me = psutil.Process()
     kids = me.children(recursive=True)
-    templates = [c for c in me.children() if "ranks._template" in " ".join(c.cmdline())]
+    templates = [c for c in me.children() if is_template(c)]
     return {{
         "kernel children": len(kids) - len(templates),
         "templates": len(templates),
@@ -281,7 +303,7 @@ class Soak:
     def run(self, k: Kernel, calls: list[Call]) -> None:
         k.ok(SETUP.format(tests=TESTS))
         k.ok("ranks.run(nap, (0.0,), n=2)\nworld = ranks.World(2)\nworld.close()\nworld = None")
-        before = k.value("sample()")
+        before, (_, fds_before) = k.value("sample()"), k.value("describe()")
         for call in calls:
             broken = self.one(k, call)
             if broken:  # the World's next call, drawn or not, must say it is broken
@@ -297,7 +319,10 @@ class Soak:
             if key != "templates":
                 self.leftovers[key] += value - before[key]
         if _differs(before, after):
-            self.problems.append(f"{calls[0].method} kernel: before {before}, after {after}")
+            children, fds = k.value("describe()")
+            new_fds = {fd: path for fd, path in fds.items() if fds_before.get(fd) != path}
+            self.problems.append(f"{calls[0].method} kernel: before {before}, after {after};"
+                                 f" its children {children}, fds new since {new_fds}")
 
     def one(self, k: Kernel, call: Call) -> bool:
         """Run one call; True when it left the World broken."""
