@@ -192,13 +192,18 @@ def describe():
             children.append((c.pid, c.status(), " ".join(c.cmdline())[:80]))
         except psutil.Error as error:
             children.append((c.pid, type(error).__name__, ""))
+    return children, open_files()
+
+def open_files():
+    # IPython's history database opens its journal (and folder) on its own schedule.
+    history = get_ipython().profile_dir.location
     fds = {{}}
     for name in os.listdir("/proc/self/fd"):
         try:
             fds[int(name)] = os.readlink(f"/proc/self/fd/{{name}}")
         except OSError:
-            pass  # the listing's own fd
-    return children, fds
+            continue  # the listing's own fd
+    return {{fd: path for fd, path in fds.items() if not path.startswith(history)}}
 
 def sample():
     me = psutil.Process()
@@ -210,7 +215,7 @@ def sample():
         "kernel threads": me.num_threads(),
         "kernel Python threads": threading.active_count(),
         # A template's socket comes and goes with the template.
-        "kernel fds": me.num_fds() - len(templates),
+        "kernel fds": len(open_files()) - len(templates),
     }}
 """
 
@@ -361,7 +366,7 @@ class Soak:
             assert cell.result is not None, cell
             got, broken = ast.literal_eval(cell.result)
         if call.kind == "template-kill" and call.in_world and killed:
-            followed = k.value(f"broken_after_kill({killed!r})")
+            [followed] = k.value(f"[broken_after_kill({killed!r})]")  # None is not displayed
             if followed is False:
                 self.problems.append(f"{call}: the World's ranks outlived their template")
             broken = broken or bool(followed)
@@ -476,7 +481,8 @@ def test_chaos_soak_leaves_nothing_and_every_call_gets_its_type(
     if soak.leftovers["processes after exit"]:
         soak.problems.append(f"processes left running: {left_running()}")
     if new_shm:
-        soak.problems.append(f"/dev/shm entries left: {new_shm}")
+        soak.problems.append(f"/dev/shm entries left: {new_shm} (the kernels' pids:"
+                             f" {dict(zip(METHODS, kernels))})")
     if left_files:
         soak.problems.append(f"left in the temporary folder: {left_files}")
     report = figures(soak, seed, seconds, len(calls))
