@@ -482,10 +482,40 @@ def test_chaos_soak_leaves_nothing_and_every_call_gets_its_type(
         soak.problems.append(f"processes left running: {left_running()}")
     if new_shm:
         soak.problems.append(f"/dev/shm entries left: {new_shm} (the kernels' pids:"
-                             f" {dict(zip(METHODS, kernels))})")
+                             f" {dict(zip(METHODS, kernels, strict=False))})")
     if left_files:
         soak.problems.append(f"left in the temporary folder: {left_files}")
     report = figures(soak, seed, seconds, len(calls))
     with capsys.disabled():
         print(report, flush=True)
     assert not soak.problems, "\n".join([report, *soak.problems])
+
+
+# --- what the soak found --------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("start_method", ["spawn", "portable"])
+def test_interrupts_while_ranks_start_leave_no_zombie(
+    start_method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupts aimed at the first 0.15 s of a call, while the kernel creates the ranks'
+    processes, end every call and leave no zombie child in the kernel. (A KeyboardInterrupt
+    raised as ``subprocess.Popen``'s fork_exec returns loses the child's pid: nobody could
+    ever wait for it.)"""
+    monkeypatch.setenv("RANKS_START_METHOD", start_method)
+    rng = random.Random(0)
+    interrupted = 0
+    for _ in range(30):
+        timer = threading.Timer(rng.uniform(0.0, 0.15), os.kill, (os.getpid(), signal.SIGINT))
+        try:
+            timer.start()
+            ranks.run(crashes.wait, n=2, output="none")  # ends only by the interrupt
+        except KeyboardInterrupt:
+            interrupted += 1
+        finally:
+            timer.join()
+    assert interrupted == 30
+    zombies = [c.pid for c in psutil.Process().children()
+               if c.status() == psutil.STATUS_ZOMBIE]
+    assert zombies == [], f"children nobody waits for: {zombies}"
