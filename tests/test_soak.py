@@ -20,7 +20,9 @@ others wait to be stopped (``crashes.py`` holds that code):
                      into the cell
     template-kill    run; the template is     the results, or ranks.RankCrashed when the
                      SIGKILLed 0-0.8 s into   ranks it had forked die with it (they follow
-                     the cell (template only) their parent); never anything else
+                     the cell (template only) their parent); never anything else. The
+                                              World's ranks it forked die too: the World
+                                              is broken (below)
     unprintable      run: __str__ raises      its own type
     unpicklable      run: holds a lock        ranks.RankFailed (type, text and traceback)
     unpickles-wrong  run: rebuilds as None    ranks.RankFailed
@@ -32,9 +34,10 @@ processes (its one template aside), threads and fds must be where they started. 
 kernels have shut down, no rank or template is running, no ``/dev/shm`` entry is new and
 nothing of ranks is left in the kernels' temporary folder (``TMPDIR`` and
 ``XDG_RUNTIME_DIR`` point into the test's own folder, so nothing else on the machine
-counts). Every call's outcome is checked; mismatches are collected and all reported at the
-end, with the figures (calls, outcomes by type, time, leftovers), which are printed also
-when the soak passes.
+counts; ``/dev/shm`` is the machine's: run the soak where nothing else makes segments
+meanwhile, as CI does). Every call's outcome is checked; mismatches are collected and all
+reported at the end with the traceback the cell got, and the figures (calls, outcomes by
+type, time, leftovers), which are printed also when the soak passes.
 
 Settings, from the environment:
 
@@ -102,7 +105,7 @@ EXPECTED[BROKEN_WORLD] = {_name(ranks.WorldBroken)}
 # Defined in each kernel, as a notebook would: these functions and exception classes
 # travel to the ranks by value.
 SETUP = """
-import os, sys, threading, time
+import os, sys, threading, time, traceback
 sys.path.insert(0, {tests!r})
 import crashes, psutil, ranks
 
@@ -144,7 +147,7 @@ def case(kind, where, seconds):
 
 world = None
 
-def call(kind, where, n, output, seconds, in_world):
+def call(kind, where, n, output, seconds, in_world, expected):
     global world
     fn, args, options = case(kind, where, seconds)
     try:
@@ -164,10 +167,13 @@ def call(kind, where, n, output, seconds, in_world):
             results = world.run(fn, args, output=output, **options)
     except BaseException as error:
         got = f"{{type(error).__module__}}.{{type(error).__qualname__}}"
+        detail = "".join(traceback.format_exception(type(error), error, error.__traceback__))
     else:
         # One result per rank, each from a rank's own process.
         got = "ok" if len(set(results)) == len(results) == n else f"wrong results {{results}}"
-    return got, world is not None and world.broken is not None
+        detail = ""
+    broken = world is not None and world.broken is not None
+    return got, "" if got in expected else detail[-2000:], broken
 
 def broken_after_kill(killed):
     # The World's ranks, if the killed template had forked them, follow it: wait for that.
@@ -233,7 +239,7 @@ class Call:
 
     def code(self) -> str:
         return (f"call({self.kind!r}, {self.where!r}, {self.n}, {self.output!r},"
-                f" {self.seconds!r}, {self.in_world})")
+                f" {self.seconds!r}, {self.in_world}, {sorted(EXPECTED[self.kind])!r})")
 
     def __str__(self) -> str:
         return (f"{self.method} {'World' if self.in_world else 'run'} {self.kind}@{self.where}"
@@ -355,7 +361,7 @@ class Soak:
             raise AssertionError(f"{call}: the cell hung\n{error}") from None
         for timer in timers:
             timer.join()  # a kill may come after the cell: the next calls meet a dead template
-        broken = False
+        broken, detail = False, ""
         if cell.error is not None:
             # Only an interrupt that landed outside call() reaches the cell itself.
             got = ("builtins." if cell.error["ename"] == "KeyboardInterrupt" else "cell: ") + \
@@ -364,8 +370,8 @@ class Soak:
                 self.problems.append(f"{call}: the cell raised\n{cell.traceback}")
         else:
             assert cell.result is not None, cell
-            got, broken = ast.literal_eval(cell.result)
-        if call.kind == "template-kill" and call.in_world and killed:
+            got, detail, broken = ast.literal_eval(cell.result)
+        if killed:  # also a one-shot call's kill: the World's ranks had the same parent
             [followed] = k.value(f"[broken_after_kill({killed!r})]")  # None is not displayed
             if followed is False:
                 self.problems.append(f"{call}: the World's ranks outlived their template")
@@ -374,7 +380,8 @@ class Soak:
         self.records.append(record)
         if not record.ok:
             expected = sorted(short(e) for e in EXPECTED[call.kind])
-            self.problems.append(f"{call}: got {short(got)}, expected {' or '.join(expected)}")
+            self.problems.append(f"{call}: got {short(got)}, expected {' or '.join(expected)}"
+                                 f"\n{detail}")
         return broken
 
 
