@@ -46,6 +46,9 @@ Settings, from the environment:
                       soak: RANKS_SOAK_CALLS=1000)
     RANKS_SOAK_KINDS  kinds to leave out ("-unprintable,-unpickles-wrong") or the only
                       kinds to draw ("ok,raise,timeout"); default: every kind
+
+Below the soak, a focused test for each kind of failure it found, which fails fast and
+every time where the soak fails only now and then.
 """
 
 from __future__ import annotations
@@ -173,7 +176,7 @@ def call(kind, where, n, output, seconds, in_world, expected):
         got = "ok" if len(set(results)) == len(results) == n else f"wrong results {{results}}"
         detail = ""
     broken = world is not None and world.broken is not None
-    return got, "" if got in expected else detail[-2000:], broken
+    return got, "" if got in expected else detail[-1200:], broken
 
 def broken_after_kill(killed):
     # The World's ranks, if the killed template had forked them, follow it: wait for that.
