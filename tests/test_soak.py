@@ -305,7 +305,7 @@ def short(outcome: str) -> str:
 
 
 class Soak:
-    """Runs the calls of one kernel and keeps the records and what did not match."""
+    """Runs the calls, kernel by kernel; keeps their records and what did not match."""
 
     def __init__(self) -> None:
         self.records: list[Record] = []
