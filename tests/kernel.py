@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,10 +128,11 @@ class Kernel:
         assert provisioner is not None
         return int(provisioner.process.pid)  # type: ignore[attr-defined]
 
-    def execute(self, code: str, timeout: float = 60.0) -> Cell:
+    def execute(self, code: str, timeout: float = 60.0,
+                on_start: Callable[[], None] | None = None) -> Cell:
         started = time.monotonic()
         try:
-            cell = self.collect(self.start(code), timeout)
+            cell = self.collect(self.start(code), timeout, on_start)
         except TimeoutError as error:
             raise TimeoutError(f"{error}\nthe cell:\n{code}") from None
         cell.seconds = time.monotonic() - started
@@ -147,14 +149,18 @@ class Kernel:
         interrupt the kernel instead, the stop button); the prompts are in ``Cell.prompts``.
         Requests beyond ``lines`` are recorded and left unanswered."""
         started = time.monotonic()
-        cell = self.collect(self.start(code, allow_stdin=True), timeout, list(lines))
+        cell = self.collect(self.start(code, allow_stdin=True), timeout, lines=list(lines))
         cell.seconds = time.monotonic() - started
         return cell
 
-    def collect(self, msg_id: str, timeout: float, lines: list[str | None] | None = None
-                ) -> Cell:
+    def collect(self, msg_id: str, timeout: float,
+                on_start: Callable[[], None] | None = None,
+                lines: list[str | None] | None = None) -> Cell:
         """Everything the cell ``msg_id`` showed from now until the kernel is idle (and has
-        replied); TimeoutError after ``timeout`` seconds. ``lines``: see :meth:`converse`."""
+        replied); TimeoutError after ``timeout`` seconds. ``on_start`` is called when the
+        kernel starts to run the cell (its ``execute_input``): its SIGINT handler is in
+        place by then, so an interrupt sent from then on reaches the cell. ``lines``: see
+        :meth:`converse`."""
         cell = Cell(msg_id)
         deadline = time.monotonic() + timeout
         while True:
@@ -184,6 +190,8 @@ class Kernel:
                 cell.error = content
             elif kind == "execute_result":
                 cell.result = content["data"].get("text/plain")
+            elif kind == "execute_input" and on_start is not None:
+                on_start()
             elif kind == "status" and content["execution_state"] == "idle":
                 break
         # Drain the shell reply so the next execute starts clean.

@@ -46,7 +46,15 @@ from typing import IO, Any
 
 from . import _protocol
 from ._placement import RankSpec
-from ._spawn import BOOT, KILL, PACKAGE_PARENT, OutputStream, RankProcess, process_sentinel
+from ._spawn import (
+    BOOT,
+    KILL,
+    PACKAGE_PARENT,
+    OutputStream,
+    RankProcess,
+    interrupt_held,
+    process_sentinel,
+)
 
 WINDOWS = sys.platform == "win32"
 TOKEN_WAIT = 5.0  # seconds a connection gets to present the token once accepted
@@ -231,15 +239,18 @@ class PortableStart:
         executable, env = _interpreter(env)
         try:
             boot = BOOT.format(parent=PACKAGE_PARENT)
-            self._popen = subprocess.Popen(
-                [executable, "-c", boot, "portable", str(os.getpid()), stacks_path],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=env, cwd=cwd, **_own_process_tree(),
-            )
+            with interrupt_held() as interrupted:
+                self._popen = subprocess.Popen(
+                    [executable, "-c", boot, "portable", str(os.getpid()), stacks_path],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    env=env, cwd=cwd, **_own_process_tree(),
+                )
         except BaseException:
             self._listener.close()
             raise
         try:
+            if interrupted:
+                raise KeyboardInterrupt
             self._started()
         except BaseException:
             self.kill()
