@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from . import _namespace, _notebook, _serialize
+from . import _frameworks, _namespace, _notebook, _serialize
 from ._errors import RanksError, WorldBroken, add_note
 from ._placement import RankSpec, gpu_memory_by_pid, plan_ranks, visible_gpus
 from ._protocol import CallKind, Done, Init
@@ -395,9 +395,10 @@ def _rank_environments(
         # code that calls init_process_group() itself (env://) fails without this
         # (pytorch/pytorch#139990).
         base.setdefault("USE_LIBUV", "0")
+    frameworks = _frameworks.environments(specs, shared["MASTER_ADDR"], _free_port)
     envs = {}
     for spec in specs:
-        env = {**base, **shared}
+        env = {**base, **frameworks[spec.rank], **extra, **shared}
         env.update(RANK=str(spec.rank), LOCAL_RANK=str(spec.rank), ROLE_RANK=str(spec.rank))
         envs[spec.rank] = env
     return envs
