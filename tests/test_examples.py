@@ -125,6 +125,14 @@ def test_every_example_is_checked_and_says_what_it_needs() -> None:
             path.name, pip, requires)
 
 
+def test_a_missing_framework_is_named(tmp_path: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["ranks"] = {"requires": ["nbformat", "no_such_framework_here"]}
+    path = tmp_path / "needs_more.ipynb"
+    nbformat.write(nb, path)
+    assert missing_packages(path) == ["no_such_framework_here"]
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_runs_on_cpu_ranks(path: Path, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ tests/test_examples.py.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -84,3 +85,18 @@ def test_the_seam_imports_no_framework() -> None:
            "'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.timeout(60)
+def test_real_ranks_see_the_coordinator_and_the_caller_does_not() -> None:
+    import ranks
+
+    def coordinator() -> tuple[str, str]:
+        import os
+        return os.environ["JAX_COORDINATOR_ADDRESS"], os.environ["MASTER_PORT"]
+
+    seen = ranks.run(coordinator, n=2)
+    assert seen[0] == seen[1], seen
+    address, master_port = seen[0]
+    assert address.rsplit(":", 1)[1] != master_port
+    assert "JAX_COORDINATOR_ADDRESS" not in os.environ
