@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from . import _dataplane, _namespace, _notebook, _serialize
+from . import _dataplane, _frameworks, _namespace, _notebook, _serialize
 from ._dataplane import Folders
 from ._errors import RanksError, RanksTimeout, WorldBroken, add_note
 from ._placement import RankSpec, gpu_memory_by_pid, plan_ranks, visible_gpus
@@ -575,9 +575,10 @@ def _rank_environments(
         # code that calls init_process_group() itself (env://) fails without this
         # (pytorch/pytorch#139990).
         base.setdefault("USE_LIBUV", "0")
+    frameworks = _frameworks.environments(specs, shared["MASTER_ADDR"], _free_port)
     envs = {}
     for spec in specs:
-        env = {**base, **shared}
+        env = {**base, **frameworks[spec.rank], **extra, **shared}
         env.update(RANK=str(spec.rank), LOCAL_RANK=str(spec.rank), ROLE_RANK=str(spec.rank))
         envs[spec.rank] = env
     return envs
