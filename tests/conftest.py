@@ -2,7 +2,8 @@
 
 Every test is followed by a leak check: a rank process (anything running ``ranks._worker``)
 still alive, a child of the test process that no fixture owns, a new thread in the test
-process, or a ``/dev/shm`` segment named like ranks, fails the test that left it (after a
+process, or a ``/dev/shm`` segment named like ranks' or multiprocessing's (``sem.mp-*``,
+``psm_*``) that no process has mapped, fails the test that left it (after a
 short grace for processes that are already on their way out) and is cleaned up.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 from kernel import KERNEL_PIDS, WINDOWS_KERNEL, Kernel, default_kernel
-from processes import rank_processes
+from processes import rank_processes, shm_segments, unused_shm
 
 LEAK_GRACE = 5.0
 def _unexpected_children() -> list[psutil.Process]:
@@ -43,11 +44,6 @@ def _own_template_pid() -> int | None:
     return None if template is None else int(template.pid)
 
 
-def _shm_segments() -> set[str]:
-    shm = Path("/dev/shm")
-    return {p.name for p in shm.iterdir() if "ranks" in p.name} if shm.exists() else set()
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """With RANKS_TEST_KERNEL=windows only the tests that drive a kernel concern Windows:
     the others run this interpreter, as in the suite's other passes."""
@@ -61,23 +57,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
     threads_before = set(threading.enumerate())
-    shm_before = _shm_segments()
+    shm_before = shm_segments()
     yield
     deadline = time.monotonic() + LEAK_GRACE
     while True:
         ranks_left = rank_processes()
         children = [c for c in _unexpected_children() if c not in ranks_left]
-        if (not ranks_left and not children) or time.monotonic() > deadline:
+        # Only segments no process maps: those of a test session running beside this one
+        # are in use while they exist.
+        new_shm = unused_shm(shm_segments() - shm_before)
+        if (not ranks_left and not children and not new_shm) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     new_threads = [
         t for t in set(threading.enumerate()) - threads_before
         if t.is_alive() and not t.name.startswith(("pytest_timeout", "IPythonHistory"))
     ]
-    new_shm = _shm_segments() - shm_before
     for proc in ranks_left + children:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
+    for name in new_shm:
+        with contextlib.suppress(OSError):
+            os.unlink(f"/dev/shm/{name}")
     problems = []
     if ranks_left:
         problems.append(f"rank processes left running: {[p.pid for p in ranks_left]}")

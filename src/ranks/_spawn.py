@@ -33,6 +33,7 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Protocol
 
+from ._descendants import end_processes
 from ._placement import RankSpec
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
@@ -127,7 +128,15 @@ class RankProcess:
         return self.returncode is not None
 
     def signal_tree(self, signum: int) -> None:
-        """Signal the rank's whole process group (its children too); gone is fine."""
+        """Signal the rank's whole process group (its children too); gone is fine.
+
+        KILL also ends what left the group below the rank (a daemon in a session of its
+        own), and spares multiprocessing's resource tracker, which cleans up once the rest
+        is gone: see ``_descendants``.
+        """
+        if signum == KILL:
+            end_processes(below=[] if self.ended() else [self.pid], groups=[self.pid])
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signum)
 

@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
+from ._descendants import adopt_orphans, end_processes
 from ._lifeline import watch_parent
 from ._placement import RankSpec
 from ._portable import PortableStart
@@ -535,6 +536,8 @@ def _template_log_path() -> str:
 def serve(argv: list[str]) -> None:
     sock = socket.socket(fileno=int(argv[0]))
     kernel_gone = watch_parent(int(argv[1]))
+    # What a rank started and left behind when it died comes to us, to be ended.
+    adopt_orphans()
     kernel_fds = [] if kernel_gone is None else [kernel_gone]
     children: dict[int, int] = {}  # pid -> write end of its exit pipe
     wake_read, wake_write = os.pipe()
@@ -548,6 +551,7 @@ def serve(argv: list[str]) -> None:
         watched: list[int | socket.socket] = [wake_read, *kernel_fds, *([] if closing else [sock])]
         readable, _, _ = select.select(watched, [], [])
         if kernel_gone in readable:
+            end_processes(below=[os.getpid()], spare=children.keys())  # what ranks left
             os._exit(0)  # the kernel died: our ranks' watchers see us go and take them down
         if wake_read in readable:
             os.read(wake_read, 4096)
@@ -637,18 +641,25 @@ def _probe_fork() -> str | None:
 
 
 def _reap(children: dict[int, int]) -> None:
-    while children:
+    """Collect our children that ended: report a rank's wait status to the kernel, and end
+    what it left behind (re-parented to us, the subreaper; see ``_descendants``)."""
+    rank_ended = False
+    while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            break
         if pid == 0:
-            return
-        exit_write = children.pop(pid, None)
+            break
+        exit_write = children.pop(pid, None)  # None: something a rank left, now ended
         if exit_write is not None:
+            rank_ended = True
             with contextlib.suppress(OSError):
                 os.write(exit_write, struct.pack("i", status))
             os.close(exit_write)
+    if rank_ended:
+        # Resource trackers are spared: they clean up and exit once the rest is gone.
+        end_processes(below=[os.getpid()], spare=children.keys())
 
 
 def _fork_rank(
