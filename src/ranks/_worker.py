@@ -66,10 +66,12 @@ from ._protocol import (
 )
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], parent_adopts: bool = False) -> None:
     """``argv``: the control socket's fd (or ``portable``), the parent's pid, the file for
-    stack dumps."""
-    global _output_marks, _stacks_file
+    stack dumps. ``parent_adopts``: the parent (the template) ends what the rank leaves
+    behind when it exits."""
+    global _output_marks, _stacks_file, _parent_adopts
+    _parent_adopts = parent_adopts
     parent_pid, stacks_path = int(argv[1]), argv[2]
     sys.argv = ["-c"]  # what user code sees: ours are not its arguments (as `python -c`)
     adopt_orphans()  # a daemon the user's code starts stays below the rank (_descendants)
@@ -139,17 +141,23 @@ def main(argv: list[str]) -> None:
 def _exit(status: int) -> NoReturn:
     """End the rank, and before it what it started, but the watcher (which ends the rest
     once the rank is gone) and multiprocessing's resource tracker (which cleans up once the
-    rank is gone: see _descendants). No interpreter teardown: threads of libraries (NCCL,
-    Gloo) can hang it."""
-    end_processes(below=[os.getpid()], spare=_watcher)
+    rank is gone: see _descendants). A parent that adopts what we leave (the template, a
+    subreaper) ends all that itself, off the path of the kernel's wait for our exit. No
+    interpreter teardown: threads of libraries (NCCL, Gloo) can hang it."""
+    if _parent_adopts or not end_processes(below=[os.getpid()], spare=_watcher):
+        # Then the watcher has nothing to do once we are gone.
+        for watcher in _watcher:
+            with contextlib.suppress(OSError):
+                os.kill(watcher, signal.SIGKILL)
     os._exit(status)
 
 
 def _guard_descendants(parent_pidfd: int | None) -> None:
     """Fork a watcher that ends the rank's tree and group when the rank or its parent dies.
 
-    The watcher is a single-threaded child of the rank, in its process group, holding none
-    of its fds but the parent's pidfd. It needs no GIL of the rank's, so it acts even while
+    The watcher is a single-threaded child of the rank, in a process group of its own (so
+    that the rank's group is empty once the rank is gone), holding none of its fds but the
+    parent's pidfd. It needs no GIL of the rank's, so it acts even while
     the rank's threads are stuck: when the kernel (or the template) dies it ends everything
     below the rank (daemons that left the group too), then the rank, then the group; when
     the rank dies first (its parent-death signal to the watcher), the rest of the group
@@ -165,6 +173,8 @@ def _guard_descendants(parent_pidfd: int | None) -> None:
         _watcher = (watcher,)
         return
     try:
+        rank_group = os.getpgrp()
+        os.setpgid(0, 0)
         # Never keep a pipe to the kernel open: only the parent's pidfd stays.
         limit = os.sysconf("SC_OPEN_MAX")
         if parent_pidfd is None:
@@ -173,26 +183,25 @@ def _guard_descendants(parent_pidfd: int | None) -> None:
             os.closerange(0, parent_pidfd)
             os.closerange(parent_pidfd + 1, limit)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        # SIGTERM to the group (the kernel stopping the rank) is not for the watcher: it is
-        # still needed once the rank is gone, to end the rest with the tracker last.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, lambda signum, frame: _end_rank(rank_pid, alive=False))
+        signal.signal(
+            signal.SIGHUP, lambda signum, frame: _end_rank(rank_pid, rank_group, alive=False))
         die_with_parent(signal.SIGHUP)  # the rank: the watcher's only parent thread
         if os.getppid() == rank_pid:
             if parent_pidfd is None:
                 while True:
                     signal.pause()
             select.select([parent_pidfd], [], [])  # returns when the parent has exited
-        _end_rank(rank_pid, alive=os.getppid() == rank_pid)  # the rank's parent died
+        # The rank's parent died.
+        _end_rank(rank_pid, rank_group, alive=os.getppid() == rank_pid)
     finally:
         os._exit(0)
 
 
-def _end_rank(rank_pid: int, alive: bool) -> NoReturn:
+def _end_rank(rank_pid: int, rank_group: int, alive: bool) -> NoReturn:
     """The watcher's last act: the rank's tree (while the rank lives, everything it started
     is below it), the rank, its group; resource trackers get time to clean up."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the rank's death, if we end it here
-    end_processes(below=[rank_pid] if alive else [], groups=[os.getpgrp()],
+    end_processes(below=[rank_pid] if alive else [], groups=[rank_group],
                   tracker_wait=TRACKER_WAIT)
     os._exit(0)
 
@@ -379,6 +388,7 @@ _interrupt_taken: tuple[socket.socket, socket.socket]
 # Set by main() for the portable start only: see _flush_all.
 _output_marks: tuple[bytes, bytes] | None = None
 _watcher: tuple[int, ...] = ()  # the watcher process's pid, where there is one
+_parent_adopts = False  # set by main()
 _stacks_file: TextIO
 
 
