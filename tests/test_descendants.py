@@ -93,12 +93,14 @@ def _leave_open_then_raise(what: str, folder: str) -> None:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("ending", ["returns", "raises", "world_close", "timeout"])
+@pytest.mark.parametrize(
+    "ending", ["returns", "raises", "world_close", "timeout", "timeout_ignoring_sigint"])
 def test_daemons_that_left_the_process_group_end_with_the_rank(
     tmp_path: Path, ending: str
 ) -> None:
     """Item 8: a ``sleep`` in a session of its own and a double-forked daemon are gone
-    within seconds of the call's end: after it returns, raises, times out, or its World
+    within seconds of the call's end: after it returns, raises, times out (also when the
+    rank ignores SIGINT, so that escalation has to end it with signals), or its World
     closes."""
     folder = str(tmp_path)
     if ending == "returns":
@@ -106,9 +108,10 @@ def test_daemons_that_left_the_process_group_end_with_the_rank(
     elif ending == "raises":
         with pytest.raises(RuntimeError, match="things open"):
             ranks.run(leavers.leave_all, args=(folder, "raise"), n=2, timeout=60)
-    elif ending == "timeout":
+    elif ending.startswith("timeout"):
+        ignore = ending == "timeout_ignoring_sigint"
         with pytest.raises(ranks.RanksTimeout):
-            ranks.run(_daemons_then_hang, args=(folder,), n=2, timeout=8)
+            ranks.run(_daemons_then_hang, args=(folder, ignore), n=2, timeout=8)
     else:
         with ranks.World(n=2) as world:
             world.run(leavers.start_daemons, args=(folder,), timeout=60)
@@ -117,7 +120,9 @@ def test_daemons_that_left_the_process_group_end_with_the_rank(
     assert _still_alive_after(pids, DAEMONS_END_WITHIN) == []
 
 
-def _daemons_then_hang(folder: str) -> None:
+def _daemons_then_hang(folder: str, ignore_interrupt: bool) -> None:
+    if ignore_interrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     leavers.start_daemons(folder)
     time.sleep(600)
 

@@ -57,7 +57,7 @@ def adopt_orphans() -> None:
 
 def end_processes(
     below: Iterable[int] = (), groups: Iterable[int] = (), spare: Collection[int] = (),
-    tracker_wait: float | None = None,
+    tracker_wait: float | None = None, outside_group: int | None = None,
 ) -> bool:
     """SIGKILL every process below those in ``below`` and in the process ``groups``, then
     those in ``below`` themselves, except this process, those in ``spare`` and resource
@@ -66,6 +66,9 @@ def end_processes(
 
     Those in ``below`` are stopped first, so they start nothing new meanwhile, and are
     killed last, so that what their dying children orphan still comes to them.
+
+    ``outside_group``: end only what left that process group (neither the roots nor its
+    members are touched: they get the group's signal).
 
     Returns whether there was anything to end or spare (where that can be told).
     """
@@ -78,8 +81,8 @@ def end_processes(
             _kill_group(pgid)
         return True
     # One that has exited has nothing below it any more: its children went to a subreaper.
-    stopped = {pid for pid in set(below) - spare if _running(pid)}
-    roots = stopped | (set(below) & spare)
+    roots = {pid for pid in below if pid in spare or _running(pid)}
+    stopped = roots - spare if outside_group is None else set()
     if not roots and not groups:
         return False
     for pid in stopped:
@@ -93,6 +96,8 @@ def end_processes(
             pid for pid, (_, pgid) in table.items() if pgid in groups
         }
         found -= spare
+        if outside_group is not None:
+            found = {pid for pid in found if table[pid][1] != outside_group}
         seen = seen or bool(found)
         trackers |= {pid for pid in found - trackers if _is_tracker(pid)}
         victims = (found - trackers - roots) or (found & stopped)

@@ -130,13 +130,16 @@ class RankProcess:
     def signal_tree(self, signum: int) -> None:
         """Signal the rank's whole process group (its children too); gone is fine.
 
-        KILL also ends what left the group below the rank (a daemon in a session of its
-        own), and spares multiprocessing's resource tracker, which cleans up once the rest
-        is gone: see ``_descendants``.
+        What left the group below the rank (a daemon in a session of its own) is killed
+        too, while the rank lives: once it is gone, that is no longer below it. KILL spares
+        multiprocessing's resource tracker, which cleans up once the rest is gone. See
+        ``_descendants``.
         """
+        below = [] if self.ended() else [self.pid]
         if signum == KILL:
-            end_processes(below=[] if self.ended() else [self.pid], groups=[self.pid])
+            end_processes(below=below, groups=[self.pid])
             return
+        end_processes(below=below, outside_group=self.pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signum)
 
