@@ -6,14 +6,23 @@ a double fork orphaned. So on Linux a rank, and the template that forks ranks, m
 themselves child subreapers (``prctl(PR_SET_CHILD_SUBREAPER)``, prctl(2)): a process
 orphaned below them is re-parented to them instead of to init. While a rank lives, every
 process it started is below it in the process tree; when it dies, what it started moves
-to the template (its parent), which ends it. Whoever ends a rank ends that tree and the
-rank's group with :func:`end_processes`:
+to its parent: the template, which ends it, or the kernel (spawn, portable), which is no
+subreaper, so there the rank must end it first. Whoever ends a rank's processes does it
+with :func:`end_processes`:
 
-    the rank itself, before it exits       its tree, but its watcher and trackers
-    its watcher, when the kernel dies      the rank's tree, then the rank, then its group
-    its watcher, when the rank dies        the rank's group
-    the kernel (stopping, closing a World)  the rank's tree and group
-    the template, when a rank died         what the rank left to it
+    a spawned rank, before it exits         its tree, but its watcher and trackers
+    a forked rank's template, once idle     what its ranks that ended left to it
+    the rank's watcher, when the kernel     the rank's tree, then the rank, then its
+      (or template) dies                      group (a thread of the rank on the
+                                              portable start, which has no pidfd)
+    the rank's watcher, when the rank dies  the rank's group
+    the kernel, stopping a rank             SIGTERM: what left the group; SIGKILL: the
+                                              rank's tree and group
+    the kernel, closing a World             the ranks' groups, trackers given time
+
+A subreaper's adopted children that exit stay zombies until it exits (a rank reaps only
+the children it started, as the user's code expects to wait for its own): a World whose
+code daemonises many short-lived processes holds their pids until it closes.
 
 One process there is spared: multiprocessing's resource tracker. It removes the named
 semaphores and shared memory blocks (``/dev/shm/sem.mp-*``, ``psm_*``) that the rank's
