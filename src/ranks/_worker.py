@@ -157,12 +157,12 @@ def _guard_descendants(parent_pidfd: int | None) -> None:
 
     The watcher is a single-threaded child of the rank, in a process group of its own (so
     that the rank's group is empty once the rank is gone), holding none of its fds but the
-    parent's pidfd. It needs no GIL of the rank's, so it acts even while
-    the rank's threads are stuck: when the kernel (or the template) dies it ends everything
-    below the rank (daemons that left the group too), then the rank, then the group; when
-    the rank dies first (its parent-death signal to the watcher), the rest of the group
-    goes too (a DataLoader worker, a `sleep` the user started), which would otherwise be
-    orphaned. Either way multiprocessing's resource tracker goes last (_descendants).
+    parent's pidfd. It needs no GIL of the rank's, so it acts even while the rank's threads
+    are stuck: when the kernel (or the template) dies it ends everything below the rank
+    (daemons that left the group too), then the rank, then the group; when the rank dies
+    first (its parent-death signal to the watcher), the rest of the group goes too (a
+    DataLoader worker, a `sleep` the user started), which would otherwise be orphaned.
+    Either way multiprocessing's resource tracker goes last (_descendants).
     """
     global _watcher
     if not sys.platform.startswith("linux"):
