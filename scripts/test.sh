@@ -19,9 +19,11 @@ export PYTHONDONTWRITEBYTECODE=1 PIP_NO_INPUT=1
 # shellcheck source=scripts/_env.sh
 source scripts/_env.sh
 # The browser extra (JupyterLab, Playwright) serves tests/test_browser.py, which also needs
-# Chromium (.ci/run installs it). Offline installs ($RANKS_WHEELS) go without: it skips there.
+# Chromium (.ci/run installs it); the examples extra (Accelerate, Lightning, transformers, JAX:
+# CPU builds) lets tests/test_examples.py run every notebook. Offline installs ($RANKS_WHEELS)
+# go without both: those tests skip there, naming what is missing.
 extras=test
-[ -n "${RANKS_WHEELS:-}" ] || extras=test,browser
+[ -n "${RANKS_WHEELS:-}" ] || extras=test,examples,browser
 ranks_env "${RANKS_TEST_VENV:-.venv-test}" "$extras"
 
 results=${RANKS_RESULTS:-${OUT:+$OUT/junit.xml}}

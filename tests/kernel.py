@@ -5,7 +5,9 @@ stderr stream text, the error (name, value, traceback) and the displayed result,
 raw IOPub messages for tests that look at message order or parent headers (each with
 ``msg["arrived"]``, the ``time.time()`` at which this process received it). For a cell that
 the test acts on while it runs: ``Kernel.start`` sends it, ``Kernel.collect`` gathers the
-same later; ``Kernel.interrupt_once`` interrupts a cell once its ranks are in.
+same later; ``Kernel.interrupt_once`` interrupts a cell once its ranks are in. For a cell
+that asks for input (pdb on a rank): ``Kernel.converse`` answers each input_request on the
+stdin channel with the next of a scripted list of lines and records the prompts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # Kernels started by the fixtures: the leak check knows these are expected to live.
 KERNEL_PIDS: set[int] = set()
+# Kernels that exited normally on shutdown: the leak check knows nothing of theirs may
+# remain on disk (a killed kernel's files wait for the next ranks start).
+EXITED_NORMALLY: set[int] = set()
 
 # RANKS_TEST_KERNEL=windows: the fixtures' kernels run on Windows CPython under Wine, as
 # scripts/windows-python.sh prepares it in .windows/ (see tests/test_windows.py).
@@ -69,6 +75,7 @@ class Cell:
     result: str | None = None
     messages: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    prompts: list[str] = field(default_factory=list)  # of the input requests, in order
 
     @property
     def traceback(self) -> str:
@@ -121,31 +128,52 @@ class Kernel:
         assert provisioner is not None
         return int(provisioner.process.pid)  # type: ignore[attr-defined]
 
-    def execute(self, code: str, timeout: float = 60.0) -> Cell:
+    def execute(self, code: str, timeout: float = 60.0,
+                on_start: Callable[[], None] | None = None) -> Cell:
         started = time.monotonic()
         try:
-            cell = self.collect(self.start(code), timeout)
+            cell = self.collect(self.start(code), timeout, on_start)
         except TimeoutError as error:
             raise TimeoutError(f"{error}\nthe cell:\n{code}") from None
         cell.seconds = time.monotonic() - started
         return cell
 
-    def start(self, code: str) -> str:
-        """Send ``code`` as a cell and return at once: its msg_id, for :meth:`collect`."""
-        return str(self.client.execute(code, store_history=True))
+    def start(self, code: str, allow_stdin: bool = False) -> str:
+        """Send ``code`` as a cell and return at once: its msg_id, for :meth:`collect`.
+        Without ``allow_stdin`` the kernel tells the cell that nothing can answer input(),
+        as nbclient does."""
+        return str(self.client.execute(code, store_history=True, allow_stdin=allow_stdin))
 
-    def collect(self, msg_id: str, timeout: float) -> Cell:
+    def converse(self, code: str, lines: list[str | None], timeout: float = 60.0) -> Cell:
+        """Run ``code``, answering its input requests with ``lines`` in order (``None``:
+        interrupt the kernel instead, the stop button); the prompts are in ``Cell.prompts``.
+        Requests beyond ``lines`` are recorded and left unanswered."""
+        started = time.monotonic()
+        cell = self.collect(self.start(code, allow_stdin=True), timeout, lines=list(lines))
+        cell.seconds = time.monotonic() - started
+        return cell
+
+    def collect(self, msg_id: str, timeout: float,
+                on_start: Callable[[], None] | None = None,
+                lines: list[str | None] | None = None) -> Cell:
         """Everything the cell ``msg_id`` showed from now until the kernel is idle (and has
-        replied); TimeoutError after ``timeout`` seconds."""
+        replied); TimeoutError after ``timeout`` seconds. ``on_start`` is called when the
+        kernel starts to run the cell (its ``execute_input``): its SIGINT handler is in
+        place by then, so an interrupt sent from then on reaches the cell. ``lines``: see
+        :meth:`converse`."""
         cell = Cell(msg_id)
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"cell {msg_id} did not finish in {timeout} s;"
-                                   f" stdout so far:\n{cell.stdout}\nstderr:\n{cell.stderr}")
+                                   f" stdout so far:\n{cell.stdout}\nstderr:\n{cell.stderr}"
+                                   f"\nprompts: {cell.prompts}")
+            if lines is not None:
+                self._answer_input(cell, lines)
             try:
-                msg = self.client.get_iopub_msg(timeout=remaining)
+                msg = self.client.get_iopub_msg(
+                    timeout=remaining if lines is None else min(remaining, 0.05))
             except queue.Empty:
                 continue
             if msg["parent_header"].get("msg_id") != msg_id:
@@ -162,11 +190,29 @@ class Kernel:
                 cell.error = content
             elif kind == "execute_result":
                 cell.result = content["data"].get("text/plain")
+            elif kind == "execute_input" and on_start is not None:
+                on_start()
             elif kind == "status" and content["execution_state"] == "idle":
                 break
         # Drain the shell reply so the next execute starts clean.
         self.client.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))
         return cell
+
+    def _answer_input(self, cell: Cell, lines: list[str | None]) -> None:
+        try:
+            request = self.client.get_stdin_msg(timeout=0.05)
+        except queue.Empty:
+            return
+        if request["parent_header"].get("msg_id") != cell.msg_id:
+            return
+        cell.prompts.append(request["content"]["prompt"])
+        if not lines:
+            return
+        line = lines.pop(0)
+        if line is None:
+            self.interrupt()
+        else:
+            self.client.input(line)
 
     def ok(self, code: str, timeout: float = 60.0) -> Cell:
         return self.execute(code, timeout).check()
@@ -214,11 +260,30 @@ class Kernel:
         assert isinstance(cell, Cell)
         return cell, done["at"] - interrupted
 
+    def close(self) -> None:
+        """Shut the kernel down if it still runs (killed if that fails); safe to call again."""
+        # Read before shutting down: the provisioner forgets its process then (and has
+        # already forgotten it when the test shut the kernel down itself).
+        process = getattr(self.manager.provisioner, "process", None)
+        if process is None:
+            return
+        if process.poll() is None:
+            try:
+                self.shutdown()
+            except Exception:
+                os.kill(process.pid, 9)
+        else:
+            self.client.stop_channels()  # a killed kernel's: their threads would linger
+        KERNEL_PIDS.discard(process.pid)
+
     def shutdown(self) -> None:
         pid = self.pid
+        process = self.manager.provisioner.process  # type: ignore[union-attr]
         self.client.stop_channels()
         self.manager.shutdown_kernel(now=False)
         KERNEL_PIDS.discard(pid)
+        if process.poll() == 0:
+            EXITED_NORMALLY.add(pid)
         if self._output_drain is not None:
             self._output_drain.join(10)
 

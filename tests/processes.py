@@ -17,7 +17,8 @@ SESSION = str(os.getpid())
 os.environ[SESSION_VARIABLE] = SESSION
 
 
-def _ours(proc: psutil.Process) -> bool:
+def ours(proc: psutil.Process) -> bool:
+    """Whether ``proc`` belongs to this test session (it carries the session's marker)."""
     try:
         return proc.environ().get(SESSION_VARIABLE) == SESSION
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
@@ -33,7 +34,7 @@ def rank_processes() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline", "ppid"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if "ranks." not in cmdline or not _ours(proc):
+        if "ranks." not in cmdline or not ours(proc):
             continue
         if "ranks._worker" in cmdline:
             found.append(proc)
@@ -104,5 +105,18 @@ def gone_within(pids: Iterable[int], seconds: float) -> list[int]:
 def is_alive(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def made_by_another_session(name: str) -> bool:
+    """A data folder (``ranks-data-<pid>-...``) that a live process of another test session
+    or program on this machine made: not this session's to answer for."""
+    parts = name.split("-")
+    if parts[:2] != ["ranks", "data"] or len(parts) < 3 or not parts[2].isdigit():
+        return False
+    try:
+        creator = psutil.Process(int(parts[2]))
+        return creator.status() != psutil.STATUS_ZOMBIE and not ours(creator)
     except psutil.NoSuchProcess:
         return False

@@ -9,6 +9,10 @@ lines, labelled ``[rank 0]`` and ``[rank 1]``, whose text changes while the numb
 lines stays put (not one line per redraw). The final screenshot is docs/output-progress.png
 (refreshed with RANKS_UPDATE_SCREENSHOT=1).
 
+The same page runs ``breakpoint()`` on rank 1: the cell's input box must show the prompt
+labelled with the rank, ``p x`` typed there must show the value, and ``c`` must end the
+cell. Its screenshot, taken mid-session, is docs/debugger.png (refreshed the same way).
+
 Needs Chromium (Debian's ``chromium``; ``$RANKS_CHROMIUM`` names another binary), and the
 ``playwright`` and ``jupyterlab`` packages (the ``browser`` extra); the test skips, saying
 which is missing, without them. CI installs all three (.ci/run) and sets
@@ -40,6 +44,7 @@ import pytest
 pytestmark = pytest.mark.browser
 
 SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "output-progress.png"
+DEBUGGER_SCREENSHOT = SCREENSHOT.with_name("debugger.png")
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -58,6 +63,16 @@ def train():
     return rank
 
 ranks.run(train, n=2)"""
+DEBUG_CELL = """\
+import ranks
+
+def work():
+    x = 40 + ranks.current().rank
+    if ranks.current().rank == 1:
+        breakpoint()
+    return x
+
+ranks.run(work, n=2)"""
 BAR = re.compile(r"^\[rank ([01])\] epoch 1: +\d+%\|")
 
 # The output area of the notebook's cell: each output's MIME type and text.
@@ -113,14 +128,15 @@ def lab(tmp_path: Path) -> Iterator[tuple[str, str]]:
     module("jupyterlab", "pip install -e '.[test,browser]'")
     root = tmp_path / "root"
     root.mkdir()
-    notebook = {
-        "cells": [{"cell_type": "code", "execution_count": None, "id": "bars",
-                   "metadata": {}, "outputs": [], "source": CELL}],
-        "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python",
-                                    "name": "python3"}},
-        "nbformat": 4, "nbformat_minor": 5,
-    }
-    (root / "progress.ipynb").write_text(json.dumps(notebook))
+    for name, source in (("progress", CELL), ("debugger", DEBUG_CELL)):
+        notebook = {
+            "cells": [{"cell_type": "code", "execution_count": None, "id": name,
+                       "metadata": {}, "outputs": [], "source": source}],
+            "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python",
+                                        "name": "python3"}},
+            "nbformat": 4, "nbformat_minor": 5,
+        }
+        (root / f"{name}.ipynb").write_text(json.dumps(notebook))
     # No "Would you like to get notified about official Jupyter news?" over the cell.
     settings = tmp_path / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
@@ -240,3 +256,57 @@ def test_rank_progress_bars_update_in_place_in_jupyterlab(
     # checkout as it was.
     if os.environ.get("RANKS_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(tmp_path / "final.png", SCREENSHOT)
+
+
+STDIN = ".jp-Notebook .jp-CodeCell .jp-Stdin"
+
+
+@pytest.mark.timeout(120)
+def test_breakpoint_on_a_rank_is_answered_in_the_cells_input_box(
+    sync_api: Any, chromium: str, lab: tuple[str, str], tmp_path: Path
+) -> None:
+    base, token = lab
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=chromium, headless=True,
+            args=CHROMIUM_ARGS, viewport={"width": 1000, "height": 700},
+        )
+        try:
+            page = context.new_page()
+            page.goto(f"{base}/lab/tree/debugger.ipynb?token={token}")
+            editor = page.locator(".jp-Notebook .jp-CodeCell .jp-InputArea-editor").first
+            editor.wait_for(timeout=60_000)
+            page.get_by_text(re.compile(r"\| Idle$")).wait_for(timeout=60_000)
+            editor.click()
+            page.keyboard.press("Shift+Enter")
+
+            box = page.locator(f"{STDIN} input.jp-Stdin-input").last
+            box.wait_for(timeout=60_000)
+            prompt = page.locator(f"{STDIN} .jp-Stdin-prompt").last.inner_text()
+            listing = all_lines(page.evaluate(READ_OUTPUTS))
+            box.fill("p x")
+            box.press("Enter")
+            # The value, then the next prompt (a new input box) for the next command.
+            deadline = time.monotonic() + 30
+            while "[rank 1] 41" not in all_lines(page.evaluate(READ_OUTPUTS)) or (
+                    page.locator(f"{STDIN} input.jp-Stdin-input").count() == 0):
+                assert time.monotonic() < deadline, page.evaluate(READ_OUTPUTS)
+                time.sleep(0.1)
+            time.sleep(0.3)  # let the last frame paint
+            cell = page.locator(".jp-Notebook .jp-CodeCell").first
+            cell.screenshot(path=str(tmp_path / "debugger.png"))
+            box = page.locator(f"{STDIN} input.jp-Stdin-input").last
+            box.fill("c")
+            box.press("Enter")
+            deadline = time.monotonic() + 60
+            while page.evaluate(PROMPT) != "[1]:":
+                assert time.monotonic() < deadline, page.evaluate(READ_OUTPUTS)
+                time.sleep(0.1)
+            final = all_lines(page.evaluate(READ_OUTPUTS))
+        finally:
+            context.close()
+    assert prompt.strip() == "[rank 1] (Pdb)", prompt
+    assert "[rank 1] -> return x" in listing, listing  # the listing came before the box
+    assert "[40, 41]" in final, final
+    if os.environ.get("RANKS_UPDATE_SCREENSHOT") == "1":
+        shutil.copyfile(tmp_path / "debugger.png", DEBUGGER_SCREENSHOT)

@@ -128,6 +128,7 @@ def _daemons_then_hang(folder: str, ignore_interrupt: bool) -> None:
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.kills_kernel
 @pytest.mark.parametrize("start_method", ["template", "spawn", "portable"])
 def test_killed_kernel_leaves_no_segments_and_no_daemons(
     fresh_kernel: Kernel, start_method: str

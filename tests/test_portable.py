@@ -177,6 +177,7 @@ ranks.run(work, n=2, torch_dist=True, env={"PYTHONPATH": sys.argv[1]})
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.kills_kernel
 def test_ranks_starting_when_the_kernel_dies_end_too(tmp_path: Path) -> None:
     """POSIX, portable start (as on macOS): the kernel killed while a rank waits in the
     rendezvous and the other has not connected yet: both end within seconds."""

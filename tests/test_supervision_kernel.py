@@ -68,6 +68,7 @@ def test_interrupt_stops_ranks(fresh_kernel: Kernel, ignore_interrupt: bool) -> 
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("start_method", ["template", "spawn", "portable"])
+@pytest.mark.kills_kernel
 def test_killed_kernel_takes_its_ranks_along(fresh_kernel: Kernel, start_method: str) -> None:
     """SIGKILL to the kernel mid-call: every rank, and every process a rank started, dies
     within about a second (parent-death signals, the ranks' channel EOF, each rank's

@@ -19,6 +19,8 @@ import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._stacks import rank_label
+
 
 class RanksError(Exception):
     """Base class of every failure of `ranks` itself (not raised by the user's code)."""
@@ -41,7 +43,11 @@ def _tail(lines: Sequence[str], limit: int = 20) -> str:
 
 
 class RankCrashed(RanksError):
-    """A rank process ended without reporting back: a signal, ``os._exit`` or ``sys.exit``."""
+    """A rank process ended without reporting back: a signal, ``os._exit`` or ``sys.exit``.
+
+    ``exitcode`` is as ``Popen.returncode`` has it (negative: the signal), or TEMPLATE_ENDED
+    where the template the rank was forked from died first and took its status with it.
+    """
 
     def __init__(
         self,
@@ -51,6 +57,7 @@ class RankCrashed(RanksError):
         device: str = "cpu",
         last_lines: Sequence[str] = (),
         during: str = "running the function",
+        log_path: str | None = None,
     ) -> None:
         self.rank = rank
         self.pid = pid
@@ -58,6 +65,7 @@ class RankCrashed(RanksError):
         self.device = device
         self.last_lines = tuple(last_lines)
         self.during = during
+        self.log_path = log_path  # everything it printed, kept until the kernel exits
         super().__init__(self._message())
 
     @property
@@ -85,6 +93,9 @@ class RankCrashed(RanksError):
             how += hint
         elif self.exitcode is None:
             how = "ended with an unknown status"
+        elif self.exitcode == TEMPLATE_ENDED:
+            how = ("ended with the ranks template it was forked from (something ended that"
+                   " process, and a rank does not outlive it)")
         elif self.exitcode == ENDED_BY_RANKS:
             how = "was ended by ranks (on Windows: its job object, its whole process tree)"
         elif self.exitcode in _WINDOWS_CRASHES:
@@ -92,21 +103,30 @@ class RankCrashed(RanksError):
         else:
             how = f"exited with code {self.exitcode} (sys.exit or os._exit)"
         text = f"rank {self.rank} (pid {self.pid}, {self.device}) {how} while {self.during}."
+        if self.exitcode == TEMPLATE_ENDED:
+            text += (" The next start makes a new template; if this repeats,"
+                     " RANKS_START_METHOD=spawn starts ranks without one.")
         if self.last_lines:
             text += "\nLast lines it printed:\n" + _tail(self.last_lines)
         else:
             text += "\nIt printed nothing before it ended."
+        if self.log_path is not None:
+            text += f"\nAll it printed (until the kernel exits): {self.log_path}"
         return text
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (
             type(self),
-            (self.rank, self.pid, self.exitcode, self.device, self.last_lines, self.during),
+            (self.rank, self.pid, self.exitcode, self.device, self.last_lines, self.during,
+             self.log_path),
         )
 
 
 # The exit code of a Windows rank that ranks ended (its job object terminated): "RANK".
 ENDED_BY_RANKS = 0x52414E4B
+# Stands in for the exit code of a rank forked from the template when the template died
+# before it could report the rank's status (only a process's parent can): "TMPL".
+TEMPLATE_ENDED = 0x544D504C
 # Windows ends a crashed process with an NTSTATUS code as its exit code (no signals there).
 _WINDOWS_CRASHES = {
     0xC0000005: "an access violation (a crash in native code: an extension, a driver, or a"
@@ -118,15 +138,26 @@ _WINDOWS_CRASHES = {
 
 
 class RanksTimeout(RanksError):
-    """The call ran past ``timeout``; ``.stacks`` maps each rank still running to its stack."""
+    """The call ran past ``timeout``; ``.stacks`` maps each rank still running to its stack.
 
-    def __init__(self, timeout: float, stacks: Mapping[int, str]) -> None:
+    ``waited``: the time ran out while the call waited for another thread's call on the same
+    World; nothing was sent to the ranks.
+    """
+
+    def __init__(
+        self, timeout: float, stacks: Mapping[int, str], waited: bool = False
+    ) -> None:
         self.timeout = timeout
         self.stacks = dict(stacks)
+        self.waited = waited
         super().__init__(self._message())
 
     def _message(self) -> str:
         running = sorted(self.stacks)
+        if self.waited:
+            return (f"the call did not start within {self.timeout:g} s: another thread's"
+                    " call on this World was still running (a World runs one call at a"
+                    " time); nothing was sent to the ranks, and the World is fine")
         if not running:
             return (f"the call did not finish within {self.timeout:g} s: the ranks were still"
                     " starting (the warm template imports torch and the notebook's modules"
@@ -134,15 +165,19 @@ class RanksTimeout(RanksError):
                     " nothing was left running")
         text = (
             f"the call did not finish within {self.timeout:g} s; ranks {running} were still"
-            " running and have been stopped. Where each one was:"
+            " running and have been stopped. Where each one was (ranks that were in the"
+            " same place, once):"
         )
+        places: dict[str, list[int]] = {}
         for rank in running:
             stack = self.stacks[rank].rstrip() or "(no stack: the rank did not answer)"
-            text += f"\n--- rank {rank} ---\n{stack}"
+            places.setdefault(stack, []).append(rank)
+        for stack, ranks in places.items():
+            text += f"\n--- {rank_label(ranks)} ---\n{stack}"
         return text
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.timeout, self.stacks))
+        return (type(self), (self.timeout, self.stacks, self.waited))
 
 
 class RankFailed(RanksError):

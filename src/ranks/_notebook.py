@@ -13,6 +13,8 @@ import linecache
 import os
 import sys
 
+from ._stacks import rank_label
+
 CellEntry = tuple[int, None, list[str], str]
 
 
@@ -53,6 +55,24 @@ def in_ipykernel() -> bool:
     return shell is not None and getattr(shell, "kernel", None) is not None
 
 
+def ask_user(prompt: str) -> str | None:
+    """A line the user types: into the notebook's input box (ipykernel sends an
+    input_request on its stdin channel), or at the terminal; None when nothing can answer.
+
+    Nothing can answer a client that sends no input (nbclient, ``allow_stdin=False``: ipykernel
+    raises StdinNotImplementedError) nor a script whose stdin is no terminal (a pipe that
+    may never be written, ``/dev/null``). EOFError (Ctrl+D) and KeyboardInterrupt propagate.
+    """
+    if in_ipykernel():
+        try:
+            return input(prompt)
+        except NotImplementedError:  # IPython's StdinNotImplementedError subclasses it
+            return None
+    if sys.stdin is None or sys.stdin.closed or not sys.stdin.isatty():
+        return None
+    return input(prompt)
+
+
 class NotebookSink:
     """Output into the calling cell: stream lines, plus one live display per progress bar.
 
@@ -73,6 +93,10 @@ class NotebookSink:
             return
         target = sys.stdout if stream == "stdout" else sys.stderr
         target.write(f"[rank {rank}] {text}\n")
+
+    def group_line(self, ranks: list[int], stream: str, text: str) -> None:
+        target = sys.stdout if stream == "stdout" else sys.stderr
+        target.write(f"[{rank_label(ranks)}] {text}\n")
 
     def note(self, rank: int, text: str) -> None:
         sys.stderr.write(f"[rank {rank}] {text}\n")  # a stream line: the bar stays a bar

@@ -46,7 +46,15 @@ from typing import IO, Any
 
 from . import _protocol
 from ._placement import RankSpec
-from ._spawn import BOOT, KILL, PACKAGE_PARENT, OutputStream, RankProcess, process_sentinel
+from ._spawn import (
+    BOOT,
+    KILL,
+    PACKAGE_PARENT,
+    OutputStream,
+    RankProcess,
+    interrupt_held,
+    process_sentinel,
+)
 
 WINDOWS = sys.platform == "win32"
 TOKEN_WAIT = 5.0  # seconds a connection gets to present the token once accepted
@@ -140,7 +148,9 @@ class RelayedOutput:
 
 
 def _relay(pipe: IO[bytes], sock: socket.socket) -> None:
-    with pipe, sock, contextlib.suppress(OSError):  # OSError: the kernel let go of it
+    # OSError: the kernel let go of the socket. ValueError: of the pipe, maybe before this
+    # thread ran (an interrupt while the rank started: kill() closes the pipes).
+    with sock, contextlib.suppress(OSError, ValueError), pipe:
         while chunk := os.read(pipe.fileno(), _RELAY_CHUNK):
             sock.sendall(chunk)
 
@@ -208,7 +218,7 @@ class PortableRank(RankProcess):
     def _tell(self, message: _protocol.Message) -> None:
         if self.returncode is None:
             with contextlib.suppress(OSError):
-                _protocol.send(self.conn, message)
+                self.send(message)
 
 
 class PortableStart:
@@ -229,15 +239,18 @@ class PortableStart:
         executable, env = _interpreter(env)
         try:
             boot = BOOT.format(parent=PACKAGE_PARENT)
-            self._popen = subprocess.Popen(
-                [executable, "-c", boot, "portable", str(os.getpid()), stacks_path],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=env, cwd=cwd, **_own_process_tree(),
-            )
+            with interrupt_held() as interrupted:
+                self._popen = subprocess.Popen(
+                    [executable, "-c", boot, "portable", str(os.getpid()), stacks_path],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    env=env, cwd=cwd, **_own_process_tree(),
+                )
         except BaseException:
             self._listener.close()
             raise
         try:
+            if interrupted:
+                raise KeyboardInterrupt
             self._started()
         except BaseException:
             self.kill()

@@ -13,6 +13,12 @@ The user's NCCL/Gloo traffic never uses this channel, and the ranks' output has 
       | <------------------------ Interrupted -- |   SIGINT reached Python on the rank
       | -- Close ----------------------------> |   rank cleans up and exits
 
+While a call runs, pdb on a rank (``breakpoint()``, ``World.debug``; see ``_rank_pdb``)
+asks the kernel for each line it reads; the kernel answers one prompt at a time:
+
+      | <------------- DebugPrompt (id, prompt) -- |   output flushed first
+      | -- DebugInput (id, line) ------------------> |   taken by the control thread
+
 Where signals cannot be sent to a rank (Windows, and the portable start, see ``_portable``),
 two more messages stand in for them, taken by the rank's control thread at any time:
 
@@ -30,9 +36,10 @@ from multiprocessing.connection import Connection
 
 class CallKind(enum.Enum):
     RUN = "run"  # payload: cloudpickled (fn, args, kwargs); result: fn's return value
-    EXEC = "exec"  # payload: (source, filename); result: None
+    EXEC = "exec"  # payload: (source, filename, names from the notebook); result: None
     PUSH = "push"  # payload: cloudpickled {name: value}; result: None
     PULL = "pull"  # payload: the name; result: the value
+    DEBUG = "debug"  # payload: empty; pdb post-mortem on the rank's last failure; result: None
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,18 @@ class Interrupted:
 
 
 @dataclass(frozen=True)
+class DebugPrompt:
+    prompt_id: int
+    prompt: str  # labelled with the rank: "[rank 1] (Pdb) "
+
+
+@dataclass(frozen=True)
+class DebugInput:
+    prompt_id: int
+    line: str | None  # None: nobody can answer (no stdin, no terminal); pdb continues
+
+
+@dataclass(frozen=True)
 class Close:
     pass
 
@@ -103,7 +122,8 @@ class DumpStacks:
     pass
 
 
-Message = Init | Ready | Call | Done | Failed | Interrupted | Close | Interrupt | DumpStacks
+Message = (Init | Ready | Call | Done | Failed | Interrupted | Close | Interrupt | DumpStacks
+           | DebugPrompt | DebugInput)
 
 
 def send(conn: Connection, message: Message) -> None:

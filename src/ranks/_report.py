@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Mapping
 
 from . import _serialize
-from ._errors import RankFailed, RankTraceback, add_note
+from ._errors import TEMPLATE_ENDED, RankFailed, RankTraceback, add_note
 from ._protocol import Failed
 from ._supervisor import Outcome
 
@@ -22,12 +22,10 @@ def build_error(
     outcomes: Mapping[int, Outcome], pids: Mapping[int, int], devices: Mapping[int, str]
 ) -> BaseException | None:
     """The exception for these outcomes, or None if every rank succeeded."""
-    failed = [o for o in outcomes.values() if not o.ok]
-    if not failed:
+    cause = _cause(outcomes)
+    if cause is None:
         return None
-    # A rank we stopped is an echo of another failure, unless nothing else failed.
-    own = [o for o in failed if o.stopped_by is None] or failed
-    cause = min(own, key=lambda o: (o.at, o.rank))
+    failed = [o for o in outcomes.values() if not o.ok]
     error = _exception_of(cause, pids, devices)
     others = sorted((o for o in failed if o is not cause), key=lambda o: o.rank)
     if others:
@@ -35,6 +33,21 @@ def build_error(
             f"  rank {o.rank}: {_summary(o)}" for o in others
         ))
     return error
+
+
+def raising_rank(outcomes: Mapping[int, Outcome]) -> int | None:
+    """The rank whose own exception the error shows (None: none raised, or one died)."""
+    cause = _cause(outcomes)
+    return cause.rank if cause is not None and isinstance(cause.reply, Failed) else None
+
+
+def _cause(outcomes: Mapping[int, Outcome]) -> Outcome | None:
+    failed = [o for o in outcomes.values() if not o.ok]
+    if not failed:
+        return None
+    # A rank we stopped is an echo of another failure, unless nothing else failed.
+    own = [o for o in failed if o.stopped_by is None] or failed
+    return min(own, key=lambda o: (o.at, o.rank))
 
 
 def _exception_of(
@@ -48,10 +61,13 @@ def _exception_of(
     error: BaseException = RankFailed(outcome.rank, reply.type_name, reply.message,
                                       reply.traceback)
     if reply.error is not None:
-        # Its class may live in a module only the rank can import: then RankFailed, which
-        # keeps the type's name, the message and the traceback, stands in for it.
+        # Its class may live in a module only the rank can import, or its __reduce__ may
+        # rebuild something else here: then RankFailed, which keeps the type's name, the
+        # message and the traceback, stands in for it.
         with contextlib.suppress(Exception):
-            error = _serialize.loads(reply.error)
+            rebuilt = _serialize.loads(reply.error)
+            if isinstance(rebuilt, BaseException):
+                error = rebuilt
     verb = "raised" if reply.during == "running the function" else f"failed while {reply.during}"
     header = "" if hasattr(error, "add_note") else f"{verb} on {where}:\n"  # 3.10: no notes
     error.__cause__ = RankTraceback(header + reply.traceback)
@@ -61,8 +77,11 @@ def _exception_of(
 
 def _summary(outcome: Outcome) -> str:
     if outcome.crash is not None:
-        how = outcome.crash.signal_name or f"exit code {outcome.crash.exitcode}"
-        text = f"ended ({how})"
+        if outcome.crash.exitcode == TEMPLATE_ENDED:
+            text = "ended with its template"
+        else:
+            how = outcome.crash.signal_name or f"exit code {outcome.crash.exitcode}"
+            text = f"ended ({how})"
     else:
         assert isinstance(outcome.reply, Failed)
         text = f"{outcome.reply.type_name}: {outcome.reply.message}".rstrip(": ")

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-from . import _serialize
+from . import _dataplane, _serialize
 from ._protocol import CallKind
 from ._world import Output, World, _check_call, _check_world, _shown_ranks
 
@@ -47,7 +47,8 @@ def run(
     args, kwargs = _check_call(fn, args, kwargs, timeout)
     specs, extra_env = _check_world(n, gpus, torch_dist, env, backend)
     shown = _shown_ranks(output, len(specs))
-    payload = _serialize.dumps_call(fn, args, kwargs)  # refuse what cannot travel, first
+    # Refuse what cannot travel before anything starts.
+    payload = _serialize.dumps_call(fn, args, kwargs, _dataplane.available())
     started = time.monotonic()
     world = World._started(specs, torch_dist, extra_env, timeout, shown, started)
     try:

@@ -9,10 +9,15 @@ instance of the kernel's own class again.
 Three rules are added on top:
 
 * code objects keep their file name and line numbers (tracebacks on a rank show the cell);
-* a CUDA tensor is pickled as its CPU copy, so a result never makes the kernel create a
-  CUDA context on unpickling (and never lands on a GPU the kernel does not own);
+* a CUDA tensor is pickled as its CPU copy and unpickled onto the receiver's own device:
+  a GPU rank's GPU, else the CPU. A result never makes the kernel create a CUDA context, an
+  argument never makes a rank touch the kernel's GPU (or any GPU, on a CPU rank);
 * when something cannot be pickled, :func:`dumps_call` says which argument or which global
   captured by the function it is, before any process starts.
+
+Big buffers (at least ``BIG_BUFFER`` bytes: numpy arrays, torch CPU tensors, anything that
+pickles through protocol 5's ``PickleBuffer``) can be taken out of the stream by
+:func:`pack`; ``_dataplane`` moves them through shared memory instead of the socket.
 
 Payloads are for one live session between processes of the same environment: cloudpickle
 output is not meant for storage.
@@ -25,13 +30,33 @@ import marshal
 import pickle
 import sys
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
 
+# Buffers from this size on travel out of band (bench/data.py --threshold measures where
+# shared memory starts to beat the socket: a file, a mapping and an unlink cost about what
+# copying this much through a pipe to two ranks does).
+BIG_BUFFER = 1 << 20
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A pickle stream and the big buffers taken out of it, in the order it refers to them."""
+
+    data: bytes
+    buffers: tuple[memoryview, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + sum(view.nbytes for view in self.buffers)
+
 
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    out_of_band = False  # set by pack(): big torch tensors may then travel as buffers
+
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, types.CodeType):
             # cloudpickle renames every code object's file to "<dynamic-code>", which would
@@ -45,8 +70,57 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             and obj.device.type not in ("cpu", "meta")
         ):
             host = obj.detach().cpu().requires_grad_(obj.requires_grad and obj.is_leaf)
-            return host.__reduce_ex__(self.proto)
+            return _on_own_device, (host,)
+        if self.out_of_band and torch is not None and type(obj) is torch.Tensor:
+            reduced = _tensor_as_buffer(obj)
+            if reduced is not None:
+                return reduced
         return super().reducer_override(obj)
+
+
+def _on_own_device(tensor: Any) -> Any:
+    """Where a CUDA tensor that was staged through host memory lands: on a GPU rank, that
+    rank's own GPU; on a CPU rank and in the kernel, the CPU. Never another process's GPU:
+    a rank that touched the kernel's GPU would open a CUDA context there."""
+    from . import _context
+
+    info = _context._current
+    if info is None or info.gpu is None:
+        return tensor
+    return tensor.detach().to(info.device).requires_grad_(tensor.requires_grad)
+
+
+def _tensor_as_buffer(tensor: Any) -> tuple[Any, ...] | None:
+    """A big, plain, contiguous CPU tensor as one PickleBuffer of its bytes (torch's own
+    reduction copies the storage into the stream). None: leave it to torch."""
+    if (
+        tensor.device.type != "cpu"
+        or tensor.layout is not sys.modules["torch"].strided
+        or not tensor.is_contiguous()
+        or tensor.is_quantized
+        or tensor.is_conj()
+        or tensor.is_neg()
+        or tensor.numel() * tensor.element_size() < BIG_BUFFER
+    ):
+        return None
+    import torch
+
+    try:  # a numpy view shares the tensor's memory and exposes it as a buffer
+        raw = tensor.detach().reshape(-1).view(torch.uint8).numpy()
+    except (RuntimeError, TypeError):  # torch without numpy: torch's own reduction
+        return None
+    return _tensor_from_buffer, (
+        pickle.PickleBuffer(raw), tensor.dtype, tuple(tensor.shape), tensor.requires_grad,
+    )
+
+
+def _tensor_from_buffer(buffer: Any, dtype: Any, shape: tuple[int, ...],
+                        requires_grad: bool) -> Any:
+    import torch
+
+    flat = torch.frombuffer(buffer, dtype=torch.uint8)
+    tensor = flat.view(dtype).reshape(shape)
+    return tensor.requires_grad_(requires_grad) if requires_grad else tensor
 
 
 def dumps(obj: Any) -> bytes:
@@ -56,14 +130,42 @@ def dumps(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def loads(data: bytes) -> Any:
-    return pickle.loads(data)
+def pack(obj: Any, out_of_band: bool = True) -> Packed:
+    """Pickle ``obj`` with its big contiguous buffers left out of the stream, by reference
+    (the caller writes them out before ``obj`` can change); all in the stream where
+    ``out_of_band`` is false (nowhere to put them)."""
+    if not out_of_band:
+        return Packed(dumps(obj))
+    buffers: list[memoryview] = []
+
+    def keep_in_stream(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            view = buffer.raw()
+        except BufferError:  # not contiguous: stays in the stream
+            return True
+        if view.nbytes < BIG_BUFFER:
+            return True
+        buffers.append(view)
+        return False
+
+    stream = io.BytesIO()
+    pickler = _Pickler(stream, protocol=5, buffer_callback=keep_in_stream)
+    pickler.out_of_band = True
+    pickler.dump(obj)
+    return Packed(stream.getvalue(), tuple(buffers))
 
 
-def dumps_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
-    """Pickle one call; on failure raise TypeError naming the part that cannot travel."""
+def loads(data: bytes, buffers: Iterable[Any] = ()) -> Any:
+    return pickle.loads(data, buffers=buffers)
+
+
+def dumps_call(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any],
+    out_of_band: bool = True,
+) -> Packed:
+    """Pack one call; on failure raise TypeError naming the part that cannot travel."""
     try:
-        return dumps((fn, args, dict(kwargs)))
+        return pack((fn, args, dict(kwargs)), out_of_band)
     except Exception as error:
         where = _find_unpicklable(fn, args, kwargs)
         raise TypeError(
@@ -112,6 +214,15 @@ def _captured(fn: Callable[..., Any]) -> Iterator[tuple[str, Any]]:
             yield f"global {var!r} used by {name}", func.__globals__[var]
     for index, default in enumerate(func.__defaults__ or ()):
         yield f"default argument {index} of {name}", default
+
+
+def big_captures(fn: Callable[..., Any]) -> Iterator[tuple[str, Any, int]]:
+    """The arrays and tensors of at least BIG_BUFFER bytes that ``fn`` drags along (by
+    closure, global or default), with what :func:`_captured` calls them and their size."""
+    for label, value in _captured(fn):
+        size = getattr(value, "nbytes", None)
+        if isinstance(size, int) and size >= BIG_BUFFER:
+            yield label, value, size
 
 
 def global_names(code: types.CodeType) -> set[str]:

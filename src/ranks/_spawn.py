@@ -27,12 +27,13 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Protocol
 
+from . import _protocol
 from ._descendants import end_processes
 from ._placement import RankSpec
 
@@ -108,6 +109,9 @@ class RankProcess:
     answers: int = 0  # replies (Ready, Done, Failed) received so far
     calls: int = 0  # calls sent so far
     _closed: bool = field(default=False, repr=False)
+    # World.stacks() may ask for a dump (a message, on the portable start) from another
+    # thread while the calling thread sends a call: one frame must not cut into another.
+    _send_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def alive(self) -> bool:
@@ -126,6 +130,11 @@ class RankProcess:
         if self.returncode is None and _readable(self.sentinel):
             self.reap()
         return self.returncode is not None
+
+    def send(self, message: _protocol.Message) -> None:
+        """Send one message on the control channel, from any thread; OSError if it is gone."""
+        with self._send_lock:
+            _protocol.send(self.conn, message)
 
     def signal_tree(self, signum: int) -> None:
         """Signal the rank's whole process group (its children too); gone is fine.
@@ -243,6 +252,28 @@ class RankEnds:
             close_quietly(fd)
 
 
+@contextlib.contextmanager
+def interrupt_held() -> Iterator[list[int]]:
+    """Hold back an interrupt of the main thread while a child process is created.
+
+    ``subprocess.Popen`` stores the child's pid only after fork_exec has returned, and a
+    KeyboardInterrupt that the signal handler raises at that moment loses it: nobody can
+    wait for that child, which stays a zombie of the kernel for good. Inside this block a
+    SIGINT is only noted in the list it yields; the caller raises KeyboardInterrupt once
+    it holds the Popen and can end the child.
+    """
+    held: list[int] = []
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield held  # not Python's default handler (a ranks wait's, the user's): left alone
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def spawn_rank(
     spec: RankSpec, env: Mapping[str, str], cwd: str, stacks_path: str
 ) -> RankProcess:
@@ -250,17 +281,20 @@ def spawn_rank(
         control_fd, out_write, err_write = ends.child_fds
         boot = BOOT.format(parent=PACKAGE_PARENT)
         argv = [sys.executable, "-c", boot, str(control_fd), str(os.getpid()), stacks_path]
-        popen = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out_write,
-            stderr=err_write,
-            pass_fds=(control_fd,),
-            env=dict(env),
-            cwd=cwd,
-            start_new_session=True,
-        )
+        with interrupt_held() as interrupted:
+            popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out_write,
+                stderr=err_write,
+                pass_fds=(control_fd,),
+                env=dict(env),
+                cwd=cwd,
+                start_new_session=True,
+            )
         try:
+            if interrupted:
+                raise KeyboardInterrupt
             sentinel = process_sentinel(popen)
         except BaseException:
             os.killpg(popen.pid, KILL)

@@ -16,9 +16,23 @@ running:
 Where signals cannot reach one process (Windows, the portable start), the rank's handle
 sends messages instead, and "its process group" is its job object (see ``_portable``).
 
+A rank whose pdb waits for a line (``breakpoint()``, see ``_rank_pdb``) sends DebugPrompt;
+the wait loop asks the user for that line (``_notebook.ask_user``: the cell's input box)
+and sends it back, one prompt at a time, staying with the rank it asked last while that
+rank keeps stopping. Meanwhile nothing else is read: the others run on until their output
+pipe fills, or wait in a collective. Such a rank is not stuck: it answers SIGINT at once.
+
 Escalation starts when a rank fails (the others are stopped at once: a peer blocked in a
 Gloo or NCCL collective would otherwise wait for it forever), on ``timeout``, and on an
-interrupt of the kernel; a second interrupt skips to SIGKILL.
+interrupt of the kernel; a second interrupt skips to SIGKILL. A rank that is still starting
+runs none of the user's code, only ranks' own (and Python's): it skips SIGINT, whose
+KeyboardInterrupt traceback from that code would only clutter the cell. Before an
+interrupted call's rank is forced (SIGTERM, SIGKILL), its stacks are taken, so the
+KeyboardInterrupt can say where it hung; on ``timeout`` those of every rank still running
+are.
+
+Stacks can also be asked for from any thread while a call runs (:meth:`Supervisor.stacks`,
+behind ``World.stacks()``): the rank dumps them without stopping (``_stacks``).
 
 What a wait ends with is an :class:`Outcome` per rank; ``_report`` turns those into the
 exception the cell shows.
@@ -26,28 +40,39 @@ exception the cell shows.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import itertools
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
-from . import _notebook, _protocol
+from . import _notebook, _protocol, _runtime_dir
 from ._descendants import TRACKER_WAIT, end_processes
 from ._errors import RankCrashed, RanksTimeout
 from ._output import OutputRouter, Sink, TerminalSink, new_log_dir
 from ._placement import RankSpec
-from ._protocol import Call, CallKind, Close, Done, Failed, Init, Interrupted, Ready
+from ._protocol import (
+    Call,
+    CallKind,
+    Close,
+    DebugInput,
+    DebugPrompt,
+    Done,
+    Failed,
+    Init,
+    Interrupted,
+    Ready,
+)
 from ._spawn import KILL, OutputStream, RankProcess
+from ._stacks import ENDED, ThreadStack, parse_dump, rank_text
 from ._template import launch_ranks, settle_closed_templates
 
 log = logging.getLogger("ranks")
@@ -64,8 +89,18 @@ RESPOND_GRACE = 5.0
 TERMINATE_GRACE = 1.0
 KILL_GRACE = 5.0
 CLOSE_GRACE = 10.0  # a clean Close destroys process groups and flushes; give it time
+# faulthandler says nothing when a dump is complete: it gets STACK_DUMP_WAIT, and a rank
+# whose dump has not begun by then (a loaded machine) up to STACK_DUMP_PATIENCE more.
 STACK_DUMP_WAIT = 0.3
+STACK_DUMP_PATIENCE = 1.0
+STACK_DUMP_POLL = 0.05
 INTERRUPT_POLL = 0.25
+# After answering a rank's pdb, how long its next prompt (after `n`, `s`) is waited for
+# before another rank's prompt is served: a session should not jump between ranks.
+DEBUG_STAY = 0.3
+NO_FRONTEND_NOTE = (
+    "ranks: pdb stopped here, but nothing can answer it (this client sends no input, as"
+    " nbclient does, or the script has no terminal); continuing as after `c`")
 # How long a reply (or a call's start) waits for the output written before it, where a
 # thread relays that output (see _catch_up_output). A rank whose user code closed or
 # redirected its fd 1 or 2 waits it out once; the marks are then taken as read.
@@ -108,6 +143,8 @@ class WaitResult:
     outcomes: dict[int, Outcome]
     interrupted: bool
     timeout: RanksTimeout | None
+    # Interrupted: where each rank that had to be forced (did not stop at SIGINT) was then.
+    hung: dict[int, tuple[ThreadStack, ...]] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -124,13 +161,25 @@ class Supervisor:
         self._call_ids = itertools.count(1)
         self._shown: Callable[[int], bool] = lambda rank: True
         self.router = OutputRouter(new_log_dir(), _make_sink)
-        self._tmpdir = tempfile.mkdtemp(prefix="ranks-")
-        # See _interrupts_as_messages. A socket pair, not a pipe: Windows waits on sockets only.
-        self._interrupt_pipe = socket.socketpair()
+        self._tmpdir = _runtime_dir.new_dir("tmp-")
+        try:
+            # See _interrupts_as_messages. A socket pair, not a pipe: Windows waits on
+            # sockets only.
+            self._interrupt_pipe = socket.socketpair()
+        except BaseException:  # (EMFILE) no World, so no close() that would remove it
+            _runtime_dir.remove_dir(self._tmpdir, ())
+            raise
         for end in self._interrupt_pipe:
             end.setblocking(False)
         self._interrupts_seen = 0
+        # While an interrupted call's ranks are stopped: the stacks of those forced so far.
+        self._hung: dict[int, tuple[ThreadStack, ...]] | None = None
+        self._stacks_lock = threading.Lock()  # one dump at a time: they share the files
         self._closed = False
+        self._first_step = 0  # of the escalation, in the current wait: see the docstring
+        self._prompts: dict[int, DebugPrompt] = {}  # rank -> the line its pdb waits for
+        self._debugging: tuple[int, float] | None = None  # rank asked last, when answered
+        self._no_frontend = False  # found during this call: answer every prompt at once
 
     # --- life cycle -------------------------------------------------------------------
 
@@ -149,15 +198,14 @@ class Supervisor:
         deadline = None if timeout is None else started + timeout
         self._shown = shown
         requests = [
-            (spec, self._envs[spec.rank], self._cwd,
-             os.path.join(self._tmpdir, f"stacks-{spec.rank}.txt"))
+            (spec, self._envs[spec.rank], self._cwd, self._stacks_path(spec.rank))
             for spec in self.specs
         ]
 
         def launched(proc: RankProcess) -> None:
             self._procs[proc.spec.rank] = proc
             with contextlib.suppress(OSError):  # died at once: its sentinel says how
-                _protocol.send(proc.conn, init_for(proc.spec))
+                proc.send(init_for(proc.spec))
 
         try:
             launch_ranks(requests, deadline, launched)
@@ -192,22 +240,24 @@ class Supervisor:
                 proc.signal_tree(KILL)
         finally:
             # Whatever happened above: nothing of this World outlives its close.
-            for proc in self._procs.values():
-                proc.signal_tree(KILL)  # children a rank left behind
-                if proc.alive and _wait_for([proc.sentinel], KILL_GRACE):
-                    proc.reap()  # not left a zombie (an interrupted close, a stuck rank)
-                for stream in list(proc.output):
-                    self._read_output(proc, stream)
-                proc.release()
-            # The resource trackers our KILL spared: they remove the segments the ranks'
-            # multiprocessing objects left in /dev/shm, now that the ranks are gone.
-            end_processes(groups=list(self.pids.values()), tracker_wait=TRACKER_WAIT)
-            self.router.end_call()
-            self.router.close()
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            for end in self._interrupt_pipe:
-                end.close()
-            settle_closed_templates()
+            try:
+                for proc in self._procs.values():
+                    proc.signal_tree(KILL)  # children a rank left behind
+                    if proc.alive and _wait_for([proc.sentinel], KILL_GRACE):
+                        proc.reap()  # not left a zombie (an interrupted close, a stuck rank)
+                    for stream in list(proc.output):
+                        self._read_output(proc, stream)
+                    proc.release()
+                # The resource trackers our KILL spared: they remove the segments the ranks'
+                # multiprocessing objects left in /dev/shm, now that the ranks are gone.
+                end_processes(groups=list(self.pids.values()), tracker_wait=TRACKER_WAIT)
+                self.router.end_call()
+                self.router.close()  # out of fds (EMFILE) a log may fail to open here
+            finally:
+                _runtime_dir.remove_dir(self._tmpdir, self._tmp_names())
+                for end in self._interrupt_pipe:
+                    end.close()
+                settle_closed_templates()
         if interrupted:
             raise KeyboardInterrupt
 
@@ -217,7 +267,7 @@ class Supervisor:
         for proc in live:
             proc.calls += 1  # a rank marks its output on taking a Close as on taking a Call
             with contextlib.suppress(OSError):  # already gone: its sentinel says so below
-                _protocol.send(proc.conn, Close())
+                proc.send(Close())
         self._await_call_starts(live)
         self.router.begin_call(self._shown)  # what the ranks print while closing is shown
         self._drain()
@@ -252,12 +302,24 @@ class Supervisor:
         """Where ranks meet for torch_dist=True: a file only this user can reach."""
         return os.path.join(self._tmpdir, "rendezvous")
 
+    def _stacks_path(self, rank: int) -> str:
+        return os.path.join(self._tmpdir, f"stacks-{rank}.txt")
+
+    def _tmp_names(self) -> list[str]:
+        """What this World puts in its temporary folder."""
+        return [self.rendezvous_path, *(self._stacks_path(s.rank) for s in self.specs)]
+
     def log_path(self, rank: int) -> str:
         return self.router.log_path(rank)
 
     @property
     def pids(self) -> dict[int, int]:
         return {rank: proc.pid for rank, proc in self._procs.items()}
+
+    def stacks(self) -> dict[int, tuple[ThreadStack, ...]]:
+        """Every rank's threads now, without stopping them. Safe from any thread, also
+        while a call waits in another (the lock it takes is the dump's alone)."""
+        return self._collect_stacks(list(self._procs))
 
     def dead_ranks(self) -> list[int]:
         """Ranks whose process has ended, also those that died since the last call."""
@@ -287,7 +349,7 @@ class Supervisor:
             self._procs[rank].calls += 1
             # A rank that died since the World last looked: its sentinel reports how.
             with contextlib.suppress(OSError):
-                _protocol.send(self._procs[rank].conn, Call(call_id, kind, payload, dict(cells)))
+                self._procs[rank].send(Call(call_id, kind, payload, dict(cells)))
         called = [self._procs[rank] for rank in payloads]
         if any(proc.output_before_call() for proc in called):  # only a portable rank's
             try:
@@ -321,6 +383,8 @@ class Supervisor:
         interrupted = False
         timed_out: RanksTimeout | None = None
         self._signalled.clear()
+        self._first_step = 1 if expect is Ready else 0
+        self._hung = None
         with self._interrupts_as_messages():
             while pending:
                 if deadline is not None and timed_out is None and time.monotonic() >= deadline:
@@ -334,13 +398,21 @@ class Supervisor:
                 while self._interrupts_seen:
                     # First interrupt: stop the ranks gently. Second: kill them now.
                     self._interrupts_seen -= 1
+                    if self._hung is None:
+                        self._hung = {}  # from now on a forced rank's stacks are kept
                     self._escalate(pending, first_step=2 if interrupted else 0)
                     interrupted = True
                 self._stop_on_failure(pending, outcomes)
+                if self._prompts and not interrupted and timed_out is None:
+                    self._serve_prompt(pending, deadline)
         self._escalating.clear()
+        self._prompts.clear()  # of ranks that were stopped: their pdb is gone
+        self._debugging = None
+        self._no_frontend = False
         self._drain()  # all that was written before the call ended is the call's (the cell's)
         self.router.flush()
-        return WaitResult(outcomes, interrupted, timed_out)
+        hung, self._hung = self._hung or {}, None
+        return WaitResult(outcomes, interrupted, timed_out, hung)
 
     def _stop_on_failure(self, pending: set[int], outcomes: dict[int, Outcome]) -> None:
         if any(not o.ok and o.stopped_by is None for o in outcomes.values()):
@@ -478,10 +550,13 @@ class Supervisor:
         try:
             while proc.conn.poll():
                 message = _protocol.recv(proc.conn)
-                if isinstance(message, (Ready, Done, Failed)):
+                if isinstance(message, (Ready, Done, Failed, DebugPrompt)):
                     self._catch_up_output(proc)
                 if isinstance(message, Interrupted):
                     self._responding(rank, message.in_user_code)
+                    continue
+                if isinstance(message, DebugPrompt):
+                    self._prompts[rank] = message
                     continue
                 if expect is None or rank not in pending:
                     continue
@@ -539,10 +614,86 @@ class Supervisor:
             for out in list(proc.output):
                 self._read_output(proc, out)
 
+    # --- pdb on the ranks ----------------------------------------------------------------
+
+    def _serve_prompt(self, pending: set[int], deadline: float | None) -> None:
+        """Ask the user for the line that one rank's pdb waits for, and send it there."""
+        askable = [r for r in self._prompts if r in pending and r not in self._escalating]
+        if not askable:
+            return
+        rank = askable[0]  # the one that asked first
+        if self._debugging is not None:
+            last, answered = self._debugging
+            if last in askable:
+                rank = last
+            elif last in pending and time.monotonic() - answered < DEBUG_STAY:
+                return  # it may stop again at once (after `n`): stay with it
+        prompt = self._prompts.pop(rank)
+        self._drain()  # the rank's listing above the input box
+        self.router.release_held()
+        self.router.flush()
+        line: str | None = None
+        if not self._no_frontend:
+            try:
+                line = self._ask_user(prompt.prompt, deadline)
+            except _NotAnswered:
+                return  # interrupted or out of time: the wait loop stops the ranks
+            if line is None:
+                self._no_frontend = True
+                self.router.note(rank, NO_FRONTEND_NOTE)
+                log.info("rank %d: %s", rank, NO_FRONTEND_NOTE)
+        self._debugging = (rank, time.monotonic())
+        with contextlib.suppress(OSError):  # died meanwhile: its sentinel says so
+            _protocol.send(self._procs[rank].conn, DebugInput(prompt.prompt_id, line))
+
+    def _ask_user(self, prompt: str, deadline: float | None) -> str | None:
+        """``_notebook.ask_user``, stopped by the kernel's interrupt and by ``deadline``.
+
+        While it waits, an interrupt must raise KeyboardInterrupt as Python's own handler
+        does: ipykernel's raw_input polls its stdin socket and only that ends its wait. The
+        deadline interrupts it the same way, from a timer (main thread only: an interrupt
+        goes there).
+        """
+        with contextlib.suppress(BlockingIOError):  # interrupted before we got here
+            self._interrupts_seen += len(self._interrupt_pipe[0].recv(64))
+        if self._interrupts_seen:
+            raise _NotAnswered
+        in_main = threading.current_thread() is threading.main_thread()
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            _thread.interrupt_main()
+
+        timer = None
+        if deadline is not None and in_main:
+            timer = threading.Timer(max(0.0, deadline - time.monotonic()), expire)
+            timer.daemon = True
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler) if in_main else None
+        try:
+            if timer is not None:
+                timer.start()
+            try:
+                return _notebook.ask_user(prompt)
+            except EOFError:
+                return "EOF"  # Ctrl+D: what pdb does at a terminal
+            finally:
+                if timer is not None:
+                    timer.cancel()
+                    timer.join()
+        except KeyboardInterrupt:
+            if not expired.is_set():
+                self._interrupts_seen += 1
+            raise _NotAnswered from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
     def _record_death(self, proc: RankProcess, outcomes: dict[int, Outcome], during: str) -> None:
         rank = proc.spec.rank
         crash = RankCrashed(
-            rank, proc.pid, proc.reap(), proc.spec.describe(), self.router.tail(rank), during
+            rank, proc.pid, proc.reap(), proc.spec.describe(), self.router.tail(rank), during,
+            self.router.written_log(rank),
         )
         at = self._hung_up.get(rank, time.monotonic()) - DEATH_SEEN_LATE
         stopped_by = self._stopped_by(rank, at)
@@ -562,7 +713,11 @@ class Supervisor:
         self, ranks: Iterable[int], first_step: int = 0, interrupt_grace: float = INTERRUPT_GRACE
     ) -> None:
         """Start (or speed up) stopping these ranks, beginning at ``_ESCALATION[first_step]``."""
+        ranks = list(ranks)
+        if first_step > 0:
+            self._note_hung(ranks)
         now = time.monotonic()
+        first_step = max(first_step, self._first_step)
         for rank in ranks:
             step, _ = self._escalating.get(rank, (0, now))
             if rank in self._escalating and step > first_step:
@@ -585,6 +740,10 @@ class Supervisor:
     def _advance_escalation(
         self, now: float, pending: set[int], outcomes: dict[int, Outcome]
     ) -> None:
+        forced = [rank for rank, (step, when) in self._escalating.items()
+                  if rank in pending and now >= when and 0 < step < len(_ESCALATION)]
+        if self._note_hung(forced):
+            return  # the dump took a while: first read who answered meanwhile
         for rank, (step, when) in list(self._escalating.items()):
             if rank not in pending:
                 del self._escalating[rank]
@@ -604,7 +763,8 @@ class Supervisor:
                     outcomes[rank] = Outcome(
                         rank,
                         crash=RankCrashed(rank, proc.pid, None, proc.spec.describe(),
-                                          self.router.tail(rank), "being stopped"),
+                                          self.router.tail(rank), "being stopped",
+                                          self.router.written_log(rank)),
                         stopped_by="SIGKILL", at=now,
                     )
 
@@ -621,16 +781,44 @@ class Supervisor:
 
     def _time_out(self, pending: set[int], timeout: float) -> RanksTimeout:
         """Ask each running rank for its Python stack (faulthandler), then build the error."""
-        for rank in pending:
-            self._procs[rank].request_stacks()
-        # The dump is written inside the rank's signal handler (or, on the portable start,
-        # by its control thread, which exists only once the rank is Ready).
-        time.sleep(STACK_DUMP_WAIT)
-        stacks = {}
-        for rank in pending:
-            with open(self._procs[rank].stacks_path, errors="replace") as dump:
-                stacks[rank] = _user_frames(dump.read())
-        return RanksTimeout(timeout, stacks)
+        stacks = self._collect_stacks(sorted(pending))
+        return RanksTimeout(timeout, {rank: rank_text(stacks[rank]) for rank in stacks})
+
+    def _note_hung(self, ranks: list[int]) -> bool:
+        """Before an interrupted call's ranks are forced: where they are, for the error.
+        True if it took any (which takes a while)."""
+        if self._hung is None:
+            return False
+        new = [rank for rank in ranks if rank not in self._hung]
+        if new:
+            self._hung.update(self._collect_stacks(new))
+        return bool(new)
+
+    def _collect_stacks(self, ranks: list[int]) -> dict[int, tuple[ThreadStack, ...]]:
+        """Each rank's threads, dumped by its faulthandler into its stacks file."""
+        with self._stacks_lock:
+            live = [proc for proc in (self._procs[rank] for rank in ranks) if proc.alive]
+            for proc in live:
+                # Gone (closed meanwhile, from another thread): it reads as no answer.
+                with contextlib.suppress(OSError):
+                    proc.request_stacks()
+            # The dump is written inside the rank's signal handler (or, on the portable
+            # start, by its control thread, which exists only once the rank is Ready).
+            time.sleep(STACK_DUMP_WAIT)
+            patience = time.monotonic() + STACK_DUMP_PATIENCE
+            late = False
+            while any(not _read(p.stacks_path) for p in live) and time.monotonic() < patience:
+                late = True
+                time.sleep(STACK_DUMP_POLL)
+            if late:
+                time.sleep(STACK_DUMP_POLL)  # a dump that began late may be half-written
+            dumps = {proc.spec.rank: _read(proc.stacks_path) for proc in live}
+        ended = (ThreadStack(main=True, summary=ENDED),)
+        return {rank: parse_dump(dumps[rank]) if rank in dumps else ended for rank in ranks}
+
+
+class _NotAnswered(Exception):
+    """The user interrupted the wait for a line, or the call ran out of time."""
 
 
 def _wait_for(sources: list[object], timeout: float | None) -> list[object]:
@@ -649,19 +837,9 @@ def _make_sink() -> Sink:
     return _notebook.NotebookSink() if _notebook.in_ipykernel() else TerminalSink()
 
 
-_OUR_FILES = ("ranks/_worker.py", "ranks/_template.py", 'File "<string>"')
-
-
-def _user_frames(dump: str) -> str:
-    """A faulthandler dump without ranks' own machinery: the control thread, our frames."""
-    threads = [block for block in dump.strip().split("\n\n") if block]
-    kept = []
-    for block in threads:
-        if "_read_commands" in block or "_follow_parent" in block:
-            continue  # the rank's control-channel reader or lifeline, never the user's
-        lines = [
-            line for line in block.splitlines()  # Windows paths compared with "/" too
-            if not any(ours in line.replace("\\", "/") for ours in _OUR_FILES)
-        ]
-        kept.append("\n".join(lines))
-    return "\n\n".join(kept)
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as dump:
+            return dump.read()
+    except OSError:  # the World closed meanwhile (from another thread)
+        return ""

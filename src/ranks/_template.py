@@ -29,12 +29,24 @@ without Linux's pidfd and watcher process runs nowhere in the test suite, while 
 portable start runs in it on Linux and on Windows.
 A preload that would initialise CUDA or start a thread is dropped, logged, and the
 template restarted without it: fork is only safe from a single-threaded, CUDA-free process.
+
+When the template fails for a reason that may pass (too few fds, an environment too large
+to exec, a template killed from outside), that call's ranks are spawned, a warning says so
+once, and the template is tried again on a later call after a back-off (``_backoff``). Only
+a template that is unsafe whatever it preloads is given up for the kernel's life.
+
+A forked rank takes the kernel's environment as it is at the call (``_become_rank``), so a
+change of ``os.environ`` needs no new template, except for the variables read once when an
+interpreter starts or a preloaded library loads (``IMPORT_TIME_VARIABLES``). A change of
+those, or an edit of a notebook module the template imported, replaces the template in the
+background: calls spawn their ranks until the new one is ready, rather than wait for it.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import importlib
 import io
 import logging
@@ -47,7 +59,6 @@ import struct
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 import time
 import traceback
@@ -55,8 +66,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from multiprocessing.connection import wait
 from typing import Any
 
+from . import _runtime_dir
+from ._backoff import Backoff
 from ._descendants import adopt_orphans, end_processes
+from ._errors import TEMPLATE_ENDED
 from ._lifeline import watch_parent
+from ._notebook import kernel_environment
 from ._placement import RankSpec
 from ._portable import PortableStart
 from ._spawn import PACKAGE_PARENT, RankEnds, RankProcess, close_quietly, spawn_rank
@@ -107,14 +122,17 @@ class Template:
     so Worlds started from several threads share one template safely.
     """
 
-    def __init__(self, denied: Iterable[str] = ()) -> None:
+    def __init__(self, denied: Iterable[str] = (), background: bool = False) -> None:
         self.denied = set(denied)
+        # Started in the background (see get_template): calls spawn rather than wait for it.
+        self.background = background
+        self.started = time.monotonic()
         self.report: dict[str, Any] = {}
         self.log_path = _template_log_path()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             boot = _BOOT.format(parent=PACKAGE_PARENT)
-            with open(self.log_path, "ab") as log_file:  # its own failures, for the user
+            with _runtime_dir.open_log(self.log_path) as log_file:  # its failures, for the user
                 self._popen = subprocess.Popen(
                     [sys.executable, "-c", boot, str(theirs.fileno()), str(os.getpid())],
                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
@@ -131,9 +149,9 @@ class Template:
         self._ready = False
         self._sent_modules: set[str] = set()
         self._sources: dict[str, tuple[int, int] | None] = {}  # file -> its stamp when sent
-        # Preloaded modules read the environment when the template imported them: a rank
-        # forked after the kernel changed it would see the old values at those reads.
-        self._environ = _environment()
+        # The variables that took effect when the template started (see
+        # IMPORT_TIME_VARIABLES): a rank forked from it would keep these values.
+        self._environ = _import_time_environment()
         self.preload(_kernel_modules(self.denied))
 
     @property
@@ -144,6 +162,16 @@ class Template:
     def alive(self) -> bool:
         """Running and in step with us (a request cut short leaves its reply unread)."""
         return not self._closed and self._popen.poll() is None
+
+    def answered(self) -> bool:
+        """Has the template said whether it started (without waiting for it)? RuntimeError
+        when it has been silent too long: it will not start."""
+        if self._ready or wait([self._sock], 0):
+            return True
+        if time.monotonic() - self.started > READY_TIMEOUT:
+            raise RuntimeError(f"the ranks template did not start in {READY_TIMEOUT:g} s"
+                               f" (its log: {self.log_path})")
+        return False
 
     def wait_ready(self, deadline: float | None = None) -> None:
         """Block until the template has preloaded and checked itself; raise if it failed."""
@@ -156,6 +184,7 @@ class Template:
         for module, why in self.report.get("skipped", {}).items():
             log.info("ranks template: not preloading %s (%s)", module, why)
         self._ready = True
+        self.background = False
 
     def preload(self, modules: Iterable[str]) -> None:
         """Ask the template to import these too, for the ranks forked after this."""
@@ -169,14 +198,22 @@ class Template:
                     found[top] = _found_again(top)
             new = [name for name in new if found[name.partition(".")[0]]]
             self._sources.update(_source_stamps(new))
-            # The template imports them from the kernel's folder and sys.path as they are now.
-            self._send(("config", list(sys.path), os.getcwd()))
+            # The template imports them from the kernel's folder and sys.path as they are now,
+            # and under its environment: a module that reads a variable at import gets the
+            # value the kernel's import got.
+            config = ("config", list(sys.path), os.getcwd())
+            try:
+                self._send((*config, kernel_environment()))
+            except OSError as error:
+                if error.errno != errno.EMSGSIZE:
+                    raise
+                self._send((*config, None))  # too large (see fork_rank): keep the one it has
             self._send(("preload", new))
 
     def stale(self) -> bool:
-        """Has a notebook module it imported changed on disk (an edit, a reload), or the
-        kernel's environment, since? A spawned rank would see the new state."""
-        if _environment() != self._environ:
+        """Has a notebook module it imported changed on disk (an edit, a reload), or a
+        variable read at start-up, since? A spawned rank would see the new state."""
+        if _import_time_environment() != self._environ:
             return True
         return any(_stamp(path) != stamp for path, stamp in self._sources.items())
 
@@ -188,14 +225,25 @@ class Template:
         if deadline is not None and time.monotonic() >= deadline:
             raise TimeoutError("no time left to fork a rank")
         with RankEnds() as ends:
+            sent = False
             try:
                 request = pickle.dumps(("fork", dict(env), cwd, stacks_path))
                 socket.send_fds(self._sock, [request], list(ends.child_fds))
+                sent = True
                 # A request sent is answered at once (the template is ready): a reply a
                 # little past the deadline is still worth taking, rather than giving the
                 # template up for it.
                 late = None if deadline is None else max(deadline, time.monotonic() + 2.0)
                 reply, fds = self._recv(late, "did not fork a rank in time")
+            except OSError as error:
+                if not sent and error.errno == errno.EMSGSIZE:
+                    # Larger than the socket's send buffer (net.core.wmem_default, 208 KiB
+                    # by default): the environment, mostly. Nothing was sent: still in step.
+                    raise TooLargeToFork(f"the rank's environment is too large to send to"
+                                         f" the ranks template ({len(request)} bytes)"
+                                         ) from error
+                self.close()
+                raise
             except BaseException:
                 # Interrupted, or out of time, between the request and its reply: that
                 # reply would answer our next request. Nobody uses this template again.
@@ -239,12 +287,25 @@ class Template:
         return pickle.loads(data), fds
 
 
-# Set per test phase by pytest: a change of it says nothing about what modules read.
-_VOLATILE_VARIABLES = frozenset({"PYTEST_CURRENT_TEST"})
+# Variables (by prefix) read once, when an interpreter starts or a library the template
+# preloads is loaded, not when a rank's code runs: a rank forked from a template started
+# under other values would keep the old ones where a spawned rank would take the new.
+#   PYTHON...                            the interpreter's start-up (hash seed, warnings, ...)
+#   LD_..., MALLOC_..., GLIBC_TUNABLES   the dynamic loader and the allocator, at exec
+#   OMP_, KMP_, GOMP_, MKL_, OPENBLAS_   thread pools, sized when numpy and torch load them
+#   TORCH_, PYTORCH_                     torch's logging and JIT switches, at `import torch`
+# Any other variable is read when the code that needs it runs, in the rank, after
+# ``_become_rank`` set the kernel's environment (os.environ writes through to C's getenv):
+# CUDA_VISIBLE_DEVICES and NCCL_* at CUDA/NCCL initialisation, which the template never
+# does; MASTER_ADDR and the like at init_process_group. A module that reads one at import
+# reads it in the kernel then too: the template preloads modules under the kernel's
+# environment of that moment, so its ranks see what the kernel saw.
+IMPORT_TIME_VARIABLES = ("PYTHON", "LD_", "MALLOC_", "GLIBC_TUNABLES", "OMP_", "KMP_", "GOMP_",
+                         "MKL_", "OPENBLAS_", "TORCH_", "PYTORCH_")
 
 
-def _environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in _VOLATILE_VARIABLES}
+def _import_time_environment() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(IMPORT_TIME_VARIABLES)}
 
 
 def _read_status(exit_read: int) -> int:
@@ -253,8 +314,8 @@ def _read_status(exit_read: int) -> int:
     with contextlib.suppress(OSError):
         data = os.read(exit_read, 4)
     if len(data) < 4:
-        # The template died before it could report: its ranks got the parent-death signal.
-        return -signal.SIGKILL
+        # The template died before it could report: its ranks' watchers ended them.
+        return TEMPLATE_ENDED
     return int(os.waitstatus_to_exitcode(struct.unpack("i", data)[0]))
 
 
@@ -332,18 +393,43 @@ class TemplateUnsafe(RuntimeError):
         self.module = module
 
 
-def get_template(deadline: float | None = None) -> Template:
-    """The kernel's template, started now if there is none, the last died or went stale."""
+class TooLargeToFork(Exception):
+    """A rank's request did not fit in one message to the template; the template is fine."""
+
+
+class TemplateUnavailable(RuntimeError):
+    """No template can be safe in this kernel, whatever it leaves out: a cause that stays."""
+
+
+def get_template(deadline: float | None = None) -> Template | None:
+    """The kernel's template, ready to fork from; None while a new one starts.
+
+    The first template, and one after the last died, is started now and waited for (it
+    costs about what a spawn would). One that went stale is replaced in the background, and
+    one tried again after failures starts in the background: the caller spawns meanwhile,
+    as the calls before it did, rather than wait for the new one's imports.
+    """
     global _template
     if _template is not None and _template.alive:
-        if not _template.stale():
-            _template.preload(_kernel_modules(_template.denied))
-            return _template
-        # A rank forked from it would run a module, or read the environment, as they were
-        # when the template imported it; a spawned rank sees them as they are now.
-        log.info("ranks template: a notebook module or the environment changed; restarting")
+        if _template.stale():
+            # A rank forked from it would run a module, or keep a start-up variable, as
+            # they were when the template imported it; a spawned rank sees them as they are.
+            log.info("ranks template: a notebook module or a start-up variable changed;"
+                     " starting a new one in the background")
+            close_template()
+            _template = Template(_denied, background=True)
+            return None
+        if _template.background:
+            if not _template.answered():
+                return None
+            _template.wait_ready(deadline)  # its reply is in: at once
+        _template.preload(_kernel_modules(_template.denied))
+        return _template
     _register_exit_hook()
     close_template()
+    if _retry.failures:
+        _template = Template(_denied, background=True)
+        return None
     for _ in range(_MAX_STARTS):
         _template = Template(_denied)
         try:
@@ -361,7 +447,8 @@ def get_template(deadline: float | None = None) -> Template:
         except BaseException:
             close_template()
             raise
-    raise RuntimeError(f"no safe template after {_MAX_STARTS} starts (left out: {_denied})")
+    raise TemplateUnavailable(f"no safe template after {_MAX_STARTS} starts"
+                              f" (left out: {_denied})")
 
 
 def forget_unsafe(unsafe: TemplateUnsafe) -> None:
@@ -369,11 +456,12 @@ def forget_unsafe(unsafe: TemplateUnsafe) -> None:
     log.warning("ranks template: %s; starting a new one without it", unsafe)
     close_template()
     if unsafe.module == "(template)":
-        raise RuntimeError(str(unsafe)) from None
+        raise TemplateUnavailable(str(unsafe)) from None
     _denied.add(unsafe.module.partition(".")[0])
 
 
-_unavailable: str | None = None  # why the template failed for good in this kernel
+_unavailable: str | None = None  # why no template can be safe in this kernel
+_retry = Backoff()  # after failures that may pass
 _lock = threading.RLock()  # Worlds may start from several threads; the template is one
 
 
@@ -398,6 +486,11 @@ def launch_ranks(
             while template is not None:
                 try:
                     process = template.fork_rank(spec, env, cwd, stacks_path, deadline)
+                    _recovered()
+                    break
+                except TooLargeToFork as error:
+                    log.info("ranks: %s; starting the rank by spawn", error)
+                    process = spawn_rank(spec, env, cwd, stacks_path)
                     break
                 except TemplateUnsafe as unsafe:
                     _forget_or_give_up(unsafe)
@@ -408,7 +501,7 @@ def launch_ranks(
                     close_template()
                     failures += 1
                     if failures >= 2:
-                        _give_up(error)
+                        _failed(error)
                 template = _usable_template(deadline)
             else:
                 process = spawn_rank(spec, env, cwd, stacks_path)
@@ -444,7 +537,7 @@ def _launch_portable(
 def _forget_or_give_up(unsafe: TemplateUnsafe) -> None:
     try:
         forget_unsafe(unsafe)
-    except RuntimeError as error:  # the template itself is unsafe, whatever it preloads
+    except TemplateUnavailable as error:  # the template itself is unsafe, whatever it preloads
         _give_up(error)
 
 
@@ -455,19 +548,46 @@ def _give_up(error: BaseException) -> None:
                 " kernel from now on", error)
 
 
+def _failed(error: BaseException) -> None:
+    """A failure that may pass: spawn until the back-off lets the template be tried again."""
+    delay = _retry.failed(time.monotonic())
+    if _retry.failures == 1:  # said once; the tries that fail again go to the log
+        log.warning("ranks: the warm template failed (%s); ranks start by spawn (slower) and"
+                    " the template is tried again in %g s, then less and less often",
+                    error, delay)
+    else:
+        log.info("ranks template: failed again (%s); next try in %g s", error, delay)
+
+
+def _recovered() -> None:
+    if _retry.failures:
+        log.info("ranks template: working again after %d failed start(s)", _retry.failures)
+    _retry.succeeded()
+
+
 def _usable_template(deadline: float | None) -> Template | None:
-    """The template to fork from, or None for spawn (one fresh start allowed on failure)."""
+    """The template to fork from, or None for spawn: while the back-off runs after a failure,
+    while a replacement starts, or when its start fails (twice, if the call waited for it)."""
     if start_method() != "template" or _unavailable is not None:
         return None
+    if (_template is None or not _template.alive) and not _retry.allows(time.monotonic()):
+        return None
     for attempt in range(2):
+        # A template is running (maybe stale), or failed before: the call does not wait.
+        in_background = (_template is not None and _template.alive) or _retry.failures > 0
         try:
             return get_template(deadline)
         except TimeoutError:
             raise
+        except TemplateUnavailable as error:
+            close_template()
+            _give_up(error)
+            return None
         except (RuntimeError, OSError) as error:
             close_template()
-            if attempt == 1:
-                _give_up(error)
+            if attempt == 1 or in_background:
+                _failed(error)
+                return None
     return None
 
 
@@ -506,7 +626,8 @@ def prestart() -> None:
     """Start the template now, without waiting for it (``%load_ext ranks``)."""
     global _template
     with _lock:
-        if start_method() != "template" or _unavailable is not None or _template is not None:
+        if (start_method() != "template" or _unavailable is not None or _template is not None
+                or not _retry.allows(time.monotonic())):
             return
         _register_exit_hook()
         _template = Template(_denied)
@@ -524,16 +645,18 @@ def _register_exit_hook() -> None:
 
 
 def _template_log_path() -> str:
-    """Where the template's own output goes (import errors, a crash): next to rank logs."""
-    root = os.path.join(tempfile.gettempdir(), f"ranks-logs-{os.getuid()}")
-    os.makedirs(root, mode=0o700, exist_ok=True)
-    return os.path.join(root, f"template-of-kernel-{os.getpid()}.log")
+    """Where the template's own output goes (import errors, a crash): next to rank logs.
+    Kept while the kernel lives (its errors point at it), removed with the rest at exit."""
+    return os.path.join(_runtime_dir.process_dir(), "template.log")
 
 
 # --- template side -----------------------------------------------------------------------
 
 
 def serve(argv: list[str]) -> None:
+    # What every rank runs, imported once here rather than after each fork (the rank side
+    # and its debugger, which imports pdb: tens of milliseconds per rank otherwise).
+    from . import _rank_pdb, _worker  # noqa: F401
     sock = socket.socket(fileno=int(argv[0]))
     kernel_gone = watch_parent(int(argv[1]))
     # What a rank started and left behind when it died comes to us, to be ended.
@@ -570,10 +693,13 @@ def serve(argv: list[str]) -> None:
                 continue
             message = pickle.loads(data)
             if message[0] == "config":
-                _, sys_path, cwd = message
+                _, sys_path, cwd, env = message
                 sys.path[:] = sys_path
                 with contextlib.suppress(OSError):
                     os.chdir(cwd)
+                if env is not None:
+                    os.environ.clear()
+                    os.environ.update(env)
             elif message[0] == "preload" and poisoned is None:
                 report = _preload(message[1])
                 if report.get("poisoned"):
@@ -730,6 +856,11 @@ def _become_rank(env: Mapping[str, str], cwd: str, out_write: int, err_write: in
     if torch is not None and env.get("OMP_NUM_THREADS", "").isdigit():
         # torch read OMP_NUM_THREADS when the template imported it, under another value.
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    # Forked ranks would otherwise share the template's random state, where spawned ones
+    # (and torchrun's workers) each start from their own: the same "random" init and
+    # dropout on every rank. Python's random module reseeds itself after a fork.
     numpy = sys.modules.get("numpy")
     if numpy is not None:
-        numpy.random.seed()  # forked ranks would otherwise share the template's state
+        numpy.random.seed()
+    if torch is not None:
+        torch.seed()  # CUDA's generators are seeded lazily: this initialises no CUDA

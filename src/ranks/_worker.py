@@ -49,13 +49,15 @@ from multiprocessing.connection import Connection, wait
 from types import TracebackType
 from typing import Any, NoReturn, TextIO
 
-from . import _context, _protocol, _serialize
+from . import _context, _dataplane, _namespace, _protocol, _runtime_dir, _serialize
 from ._descendants import TRACKER_WAIT, adopt_orphans, end_processes
 from ._lifeline import die_with_parent, watch_parent
 from ._protocol import (
     Call,
     CallKind,
     Close,
+    DebugInput,
+    DebugPrompt,
     Done,
     DumpStacks,
     Failed,
@@ -105,6 +107,8 @@ def main(argv: list[str], parent_adopts: bool = False) -> None:
         faulthandler.register(signal.SIGUSR1, file=_stacks_file, all_threads=True)
     _line_buffer_c_stdio()
 
+    global _folders
+    _folders = _dataplane.Folders.of_this_rank()
     init = _protocol.recv(conn)
     assert isinstance(init, Init), init
     os.chdir(init.cwd)
@@ -119,7 +123,7 @@ def main(argv: list[str], parent_adopts: bool = False) -> None:
         failure = _failure(None, error, during, skip=0)
         _flush_all()
         _protocol.send(conn, failure)
-        _exit(1)
+        _leave(1)
     # Before Ready: from then on the kernel may send SIGINT at any moment (a peer failed,
     # the kernel was interrupted), and Python's default handler would kill a rank that is
     # not yet in _serve with a KeyboardInterrupt traceback.
@@ -130,26 +134,50 @@ def main(argv: list[str], parent_adopts: bool = False) -> None:
     _flush_all()
     _protocol.send(conn, Ready(os.getpid()))
 
+    _install_debugger(conn)
     commands: queue.Queue[_protocol.Message] = queue.Queue()
     threading.Thread(target=_read_commands, args=(conn, commands), daemon=True,
                      name="ranks-control").start()
     _serve(conn, commands)
     _tear_down()
-    _exit(0)
+    _leave(0)
 
 
-def _exit(status: int) -> NoReturn:
-    """End the rank, and before it what it started, but the watcher (which ends the rest
-    once the rank is gone) and multiprocessing's resource tracker (which cleans up once the
-    rank is gone: see _descendants). A parent that adopts what we leave (the template, a
-    subreaper) ends all that itself, off the path of the kernel's wait for our exit. No
-    interpreter teardown: threads of libraries (NCCL, Gloo) can hang it."""
+def _leave(status: int) -> NoReturn:
+    """End the rank with ``os._exit``: interpreter teardown is skipped, as threads of
+    libraries (NCCL, Gloo) can hang it. atexit handlers do not run then, so what the rank
+    wrote to disk itself (the logs of a ``ranks.run`` it made) is removed here.
+
+    Before it, what the rank started, but the watcher (which ends the rest once the rank is
+    gone) and multiprocessing's resource tracker (which cleans up once the rank is gone: see
+    _descendants). A parent that adopts what we leave (the template, a subreaper) ends all
+    that itself, off the path of the kernel's wait for our exit."""
+    _runtime_dir.remove_process_dir()
     if _parent_adopts or not end_processes(below=[os.getpid()], spare=_watcher):
         # Then the watcher has nothing to do once we are gone.
         for watcher in _watcher:
             with contextlib.suppress(OSError):
                 os.kill(watcher, signal.SIGKILL)
     os._exit(status)
+
+
+def _install_debugger(conn: Connection) -> None:
+    """``breakpoint()`` in the user's code asks the kernel for its lines (``_rank_pdb``)."""
+    from . import _rank_pdb
+
+    def ask_kernel(prompt: DebugPrompt) -> None:
+        global _interrupt_held
+        _flush_all()  # what pdb printed (the listing) shows before the input box
+        # Raised mid-frame, a KeyboardInterrupt would corrupt the channel: hold it till after.
+        _interrupt_held = False
+        try:
+            _send(conn, prompt)
+        finally:
+            interrupted, _interrupt_held = _interrupt_held, None
+        if interrupted:
+            raise KeyboardInterrupt
+
+    _rank_pdb.install(ask_kernel)
 
 
 def _guard_descendants(parent_pidfd: int | None) -> None:
@@ -314,6 +342,11 @@ def _read_commands(conn: Connection, commands: queue.Queue[_protocol.Message]) -
         if isinstance(message, Interrupt):
             _interrupt_main_thread()
             continue
+        if isinstance(message, DebugInput):
+            from ._rank_pdb import deliver
+
+            deliver(message.prompt_id, message.line)
+            continue
         if isinstance(message, DumpStacks):
             faulthandler.dump_traceback(file=_stacks_file, all_threads=True)
             _stacks_file.flush()
@@ -339,6 +372,7 @@ def _end_with_kernel() -> NoReturn:
     """The kernel is gone (killed, restarted): take the rank's whole tree down, children
     the user's code started included, resource trackers once the rank is gone (they
     clean up then). On Windows the rank's job object does that."""
+    _runtime_dir.remove_process_dir()
     end_processes(below=[os.getpid()], groups=[os.getpgrp()], spare=_watcher)
     os._exit(1)
 
@@ -381,6 +415,9 @@ def _serve(conn: Connection, commands: queue.Queue[_protocol.Message]) -> None:
 
 
 _in_user_code = False
+# While pdb's prompt is sent from within the user's code: False, or True once an interrupt
+# came meanwhile (raised after the frame is out); None otherwise.
+_interrupt_held: bool | None = None
 # Written by the SIGINT handler, read by the control thread, which tells the kernel. Not
 # _send: the handler runs in the main thread, possibly inside _send, so it must not take
 # the lock. Made by main(), not at import.
@@ -390,6 +427,8 @@ _output_marks: tuple[bytes, bytes] | None = None
 _watcher: tuple[int, ...] = ()  # the watcher process's pid, where there is one
 _parent_adopts = False  # set by main()
 _stacks_file: TextIO
+# The World's folders for big buffers in results (None: they go through the socket).
+_folders: _dataplane.Folders | None = None
 
 
 def _on_interrupt(signum: int, frame: Any) -> None:
@@ -397,9 +436,13 @@ def _on_interrupt(signum: int, frame: Any) -> None:
     # main thread is not stuck in C code, so the kernel hears about it and waits for the
     # answer. It must stop the user's code and nothing else: raised while a reply is being
     # framed it would corrupt the channel, and raised while idle there is nothing to stop.
+    global _interrupt_held
     with contextlib.suppress(OSError):
         _interrupt_taken[1].send(b"u" if _in_user_code else b"o")
     if _in_user_code:
+        if _interrupt_held is not None:  # a frame is being sent from the user's code
+            _interrupt_held = True
+            return
         raise KeyboardInterrupt
 
 
@@ -422,12 +465,13 @@ def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
     try:
         with _user_code():
             if call.kind is CallKind.RUN:
-                fn, args, kwargs = _serialize.loads(call.payload)
+                fn, args, kwargs = _dataplane.load(call.payload, consume=False)
             elif call.kind is CallKind.PUSH:
-                values = _serialize.loads(call.payload)
+                values = _dataplane.load(call.payload, consume=False)
             elif call.kind is CallKind.EXEC:
-                source, filename = _serialize.loads(call.payload)
+                source, filename, taken = _serialize.loads(call.payload)
                 code = compile(source, filename, "exec")
+                _namespace.bind(taken, namespace, _context.current().rank)
     except BaseException as error:
         return _failure(call.call_id, error, "loading what the kernel sent", skip=0)
 
@@ -443,18 +487,34 @@ def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
             elif call.kind is CallKind.PUSH:
                 namespace.update(values)
                 result = None
+            elif call.kind is CallKind.DEBUG:
+                from ._rank_pdb import post_mortem
+
+                post_mortem()
+                result = None
             else:
                 result = _pull(namespace, _serialize.loads(call.payload))
     except BaseException as error:
+        if call.kind in (CallKind.RUN, CallKind.EXEC):  # the user's code, not push or pull
+            _keep_for_post_mortem(error)
         # skip=1 drops this frame: the traceback starts in the user's code.
         return _failure(call.call_id, error, "running the function", skip=1)
 
     try:
         with _user_code():
-            payload = _serialize.dumps(result)
+            payload = _dataplane.send_value(result, _folders)
     except BaseException as error:
         return _failure(call.call_id, error, "sending the result to the kernel", skip=0)
     return Done(call.call_id, payload)
+
+
+def _keep_for_post_mortem(error: BaseException) -> None:
+    """Where the interpreter keeps an uncaught exception, for ``World.debug`` (and the
+    user's own ``pdb.pm()``), as IPython does for ``%debug``. Without this frame."""
+    tb = error.__traceback__
+    sys.last_type, sys.last_value = type(error), error
+    sys.last_exc = error  # type: ignore[attr-defined,unused-ignore]  # Python 3.12+ keeps it here
+    sys.last_traceback = tb.tb_next if tb is not None and tb.tb_next is not None else tb
 
 
 def _fill_missing_globals(fn: Any, namespace: dict[str, Any]) -> None:
@@ -504,10 +564,23 @@ def _failure(call_id: int | None, error: BaseException, during: str, skip: int) 
     payload: bytes | None
     try:
         payload = _serialize.dumps(error)
-        _serialize.loads(payload)  # exceptions whose __init__ takes other args fail only here
+        # Exceptions whose __init__ takes other args fail only here; a __reduce__ may also
+        # rebuild something that is no exception at all.
+        if not isinstance(_serialize.loads(payload), BaseException):
+            payload = None
     except BaseException:
         payload = None
-    return Failed(call_id, payload, type(error).__qualname__, str(error), text, during, at)
+    return Failed(call_id, payload, type(error).__qualname__, _message_of(error), text, during,
+                  at)
+
+
+def _message_of(error: BaseException) -> str:
+    """``str(error)``, or what the traceback module prints where the user's ``__str__``
+    raises: such an exception must be reported, not end the rank."""
+    try:
+        return str(error)
+    except BaseException:
+        return "<exception str() failed>"
 
 
 def _exit_as_asked(request: SystemExit) -> NoReturn:
@@ -523,7 +596,7 @@ def _exit_as_asked(request: SystemExit) -> NoReturn:
         print(code, file=sys.stderr)  # what Python does with sys.exit("message")
         status = 1
     _flush_all()
-    _exit(status)
+    _leave(status)
 
 
 if __name__ == "__main__":  # pragma: no cover - started as `python -c` by the launcher

@@ -9,6 +9,11 @@ A World whose rank died is *broken*: its remaining ranks are stopped (their peer
 collective would wait forever) and every later call says so instead of hanging. A World
 is closed by ``close()``, by ``with``, when it is garbage-collected, or at interpreter exit
 (``weakref.finalize``), and closing twice is safe.
+
+A World may be used from several threads (a cell that trains, a thread that watches): its
+calls are serialised. One that finds another thread's call running waits for it to end; its
+``timeout`` counts that wait, and an interrupt ends the wait. ``close()`` and ``status()``
+wait their turn too, so none of them ever sees a call half done.
 """
 
 from __future__ import annotations
@@ -18,18 +23,23 @@ import linecache
 import os
 import socket
 import sys
+import threading
 import time
+import warnings
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from . import _notebook, _serialize
-from ._errors import RanksError, WorldBroken, add_note
+from . import _dataplane, _frameworks, _namespace, _notebook, _serialize
+from ._dataplane import Folders
+from ._errors import RanksError, RanksTimeout, WorldBroken, add_note
 from ._placement import RankSpec, gpu_memory_by_pid, plan_ranks, visible_gpus
 from ._protocol import CallKind, Done, Init
-from ._report import build_error
-from ._supervisor import Supervisor, WaitResult
+from ._report import build_error, raising_rank
+from ._stacks import Stacks, hang_note
+from ._supervisor import INTERRUPT_POLL, Supervisor, WaitResult
 
 Output = Literal["all", "rank0", "none"] | Sequence[int]
 
@@ -40,6 +50,9 @@ TORCHRUN_VARIABLES = (
     "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
 )
 _exec_counter = itertools.count(1)
+# How long the finalizer, at interpreter exit, waits for a call that a daemon thread is
+# still in before it ends the ranks all the same.
+CLOSE_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -52,12 +65,15 @@ class RankStatus:
 
 
 class World:
-    """Persistent ranks: ``run``, ``exec``, ``push``, ``pull``; ``close`` (or ``with``).
+    """Persistent ranks: ``run``, ``exec``, ``push``, ``pull``, ``stacks``; ``close`` (or ``with``).
 
     ``n`` CPU ranks, or one rank per GPU in ``gpus`` (default: every visible GPU).
     ``torch_dist=True`` creates the process group once (NCCL on GPUs, Gloo on CPUs) and
     keeps it until the World closes. ``env`` adds environment variables on every rank.
     Results that hold CUDA tensors arrive in the kernel as CPU tensors.
+
+    Calls from several threads run one at a time: a call waits while another thread's runs
+    (its ``timeout`` counts the wait); ``close()`` waits for a running call to end.
     """
 
     _one_shot = False
@@ -95,17 +111,39 @@ class World:
         self._specs = specs
         self._broken: str | None = None
         self._sent_cells: set[str] = set()
-        envs = _rank_environments(specs, extra_env)
-        cwd = os.getcwd()
-        sys_path = _notebook.kernel_sys_path()
-        self._supervisor = Supervisor(specs, envs, cwd)
-        self._finalizer = weakref.finalize(self, self._supervisor.close)
+        self._raised_on: int | None = None  # the rank of the last call's exception, for debug()
+        self._big_sent: dict[str, weakref.ref[Any]] = {}  # see _warn_if_resent
+        self._big_warned: set[str] = set()
+        # Held by whichever thread uses the Supervisor, which is not thread-safe: two calls
+        # at once would read each other's replies. Reentrant: close() holds it and then
+        # runs the finalizer, which takes it too.
+        self._lock = threading.RLock()
+        self._folders = Folders.create()
+        try:  # until the finalizer owns them, the folders are removed here if the start fails
+            if self._folders is not None:
+                extra_env = {**extra_env,
+                             _dataplane.FOLDERS_VARIABLE: self._folders.as_variable()}
+            envs = _rank_environments(specs, extra_env)
+            cwd = os.getcwd()
+            sys_path = _notebook.kernel_sys_path()
+            self._supervisor = Supervisor(specs, envs, cwd)
+        except BaseException:
+            if self._folders is not None:
+                self._folders.remove()
+            raise
+        self._finalizer = weakref.finalize(
+            self, _close_supervisor, self._lock, self._supervisor, self._folders)
         try:
             ready = self._supervisor.start(
                 lambda spec: Init(spec.rank, spec.world_size, spec.gpu, torch_dist, sys_path, cwd,
                                   self._supervisor.rendezvous_path),
                 timeout, shown, started,
             )
+        except KeyboardInterrupt:
+            self._finalizer()
+            # A fresh one: where the interrupt landed in ranks' start-up machinery (a launch,
+            # a connection) is no business of the user's, and the cell shows no such frames.
+            raise KeyboardInterrupt from None
         except BaseException:
             self._finalizer()
             raise
@@ -133,12 +171,24 @@ class World:
         __tracebackhide__ = True
         args, kwargs = _check_call(fn, args, kwargs, timeout)
         shown = _shown_ranks(output, self.size)
-        payload = _serialize.dumps_call(fn, args, kwargs)
+        payload = _serialize.dumps_call(fn, args, kwargs, self._folders is not None)
+        self._warn_if_resent(fn)
         return self._call(CallKind.RUN, dict.fromkeys(range(self.size), payload), timeout, shown)
 
     def exec(self, source: str, ranks: Sequence[int] | None = None, *,
              timeout: float | None = None) -> None:
-        """Execute ``source`` in each rank's namespace (its ``__main__``)."""
+        """Execute ``source`` in each rank's namespace (its ``__main__``).
+
+        Names ``source`` reads that a rank lacks come from the caller's globals (a notebook
+        cell's are the notebook's): functions, classes and modules, and values up to
+        ``ranks._namespace.MAX_VALUE_BYTES`` pickled; a name the rank defines stays its own.
+        """
+        __tracebackhide__ = True
+        self._exec(source, ranks, timeout, sys._getframe(1).f_globals)
+
+    def _exec(self, source: str, ranks: Sequence[int] | None, timeout: float | None,
+              notebook: Mapping[str, Any]) -> None:
+        """``exec``, with the names the cell reads looked up in ``notebook``."""
         __tracebackhide__ = True
         if not isinstance(source, str):
             raise TypeError(f"source must be a str, not {type(source).__name__}")
@@ -146,14 +196,17 @@ class World:
         filename = f"<ranks-cell-{next(_exec_counter)}>"
         # Registered like an IPython cell, so a traceback on the rank shows these lines.
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        payload = _serialize.dumps((source, filename))
+        taken = _namespace.collect(source, notebook, _namespace.notebook_hidden(notebook))
+        # In the stream: notebook values are small (_namespace limits them), and the rank
+        # unpickles each one only where it lacks the name.
+        payload = _serialize.pack((source, filename, taken), out_of_band=False)
         self._call(CallKind.EXEC, dict.fromkeys(targets, payload), timeout, lambda r: True)
 
     def push(self, **values: Any) -> None:
         """Bind each ``name=value`` in every rank's namespace."""
         __tracebackhide__ = True
         try:
-            payload = _serialize.dumps(values)
+            payload = _serialize.pack(values, self._folders is not None)
         except Exception as error:
             bad = [k for k, v in values.items() if not _serialize._picklable(v)]
             raise TypeError(f"cannot push {bad} to the ranks: {error}") from error
@@ -165,12 +218,17 @@ class World:
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, not {type(name).__name__}")
         targets = _check_ranks(None if rank is None else [rank], self.size)
-        payload = _serialize.dumps(name)
+        payload = _serialize.pack(name, out_of_band=False)
         values = self._call(CallKind.PULL, dict.fromkeys(targets, payload), None, lambda r: True)
         return values if rank is None else values[0]
 
     def status(self) -> list[RankStatus]:
-        """One row per rank: pid, device, GPU memory in use (MiB) and state."""
+        """One row per rank: pid, device, GPU memory in use (MiB) and state (after the call
+        another thread is running, if any)."""
+        with self._turn(None, time.monotonic()):
+            return self._status()
+
+    def _status(self) -> list[RankStatus]:
         dead = set() if self.closed else set(self._supervisor.dead_ranks())
         memory = gpu_memory_by_pid()
         rows = []
@@ -183,18 +241,47 @@ class World:
             rows.append(RankStatus(spec.rank, pid, spec.describe(), memory.get(pid), state))
         return rows
 
+    def stacks(self) -> Stacks:
+        """The Python stack of every thread of every rank, taken without stopping them.
+
+        Shown with identical stacks once, labelled with the ranks that share them. Meant
+        for a call that hangs: it works from another thread while that call runs, and
+        between calls (ranks waiting for the next call show as idle).
+        """
+        if self.closed:
+            raise RanksError("this World is closed; start a new one")
+        return Stacks(self._supervisor.stacks())
+
+    def debug(self, rank: int | None = None) -> None:
+        """pdb at the frame where the last failed call raised on ``rank``, as IPython's
+        ``%debug``: by default the rank whose exception the cell showed. Its prompt, labelled
+        with the rank, reads from the cell's input box; ``q`` ends it."""
+        __tracebackhide__ = True
+        if rank is None:
+            rank = self._raised_on
+            if rank is None:
+                raise RanksError("no call on this World raised on a rank yet: nothing to"
+                                 " debug (World.debug(rank=R) picks a rank)")
+        targets = _check_ranks([rank], self.size)
+        nothing = _serialize.Packed(b"")
+        self._call(CallKind.DEBUG, dict.fromkeys(targets, nothing), None, lambda r: True)
+
     def log_path(self, rank: int) -> str:
         """The file holding everything ``rank`` printed (also what was not shown)."""
         return self._supervisor.log_path(rank)
 
     def close(self) -> None:
-        """Stop every rank and release everything; safe to call again."""
-        self._finalizer()
+        """Stop every rank and release everything; safe to call again. A call that another
+        thread is running ends first."""
+        with self._turn(None, time.monotonic()):
+            self._finalizer()
 
     @property
     def broken(self) -> str | None:
         """Why this World can no longer be used (a rank ended), or None while it can."""
-        self._mark_broken_if_dead()
+        with self._turn(None, time.monotonic()):
+            if not self.closed:
+                self._mark_broken_if_dead()
         return self._broken
 
     @property
@@ -214,8 +301,17 @@ class World:
     # --- internals ----------------------------------------------------------------------
 
     def _call(
-        self, kind: CallKind, payloads: dict[int, bytes], timeout: float | None,
+        self, kind: CallKind, payloads: dict[int, _serialize.Packed], timeout: float | None,
         shown: Callable[[int], bool], started: float | None = None,
+    ) -> list[Any]:
+        __tracebackhide__ = True
+        started = time.monotonic() if started is None else started
+        with self._turn(timeout, started):
+            return self._call_now(kind, payloads, timeout, shown, started)
+
+    def _call_now(
+        self, kind: CallKind, payloads: dict[int, _serialize.Packed], timeout: float | None,
+        shown: Callable[[int], bool], started: float,
     ) -> list[Any]:
         __tracebackhide__ = True
         if self.closed:
@@ -227,21 +323,80 @@ class World:
         if self._broken is not None:
             raise WorldBroken(self._broken)
         cells = _notebook.cell_sources(self._sent_cells)
-        result = self._supervisor.call(kind, payloads, cells, timeout, shown, started)
+        staged: dict[int, bytes] = {}  # id(Packed) -> payload: what all ranks get, once
+        try:
+            sent = {}
+            for rank, packed in payloads.items():
+                if id(packed) not in staged:
+                    staged[id(packed)] = _dataplane.stage(packed, self._folders)
+                sent[rank] = staged[id(packed)]
+            result = self._supervisor.call(kind, sent, cells, timeout, shown, started)
+        finally:
+            # Every rank has answered or ended: none maps the arguments' file any more.
+            for payload in staged.values():
+                _dataplane.release(payload)
+        replies = {rank: o.reply for rank, o in result.outcomes.items()}
+        raised_on = raising_rank(result.outcomes)
+        if raised_on is not None and kind in (CallKind.RUN, CallKind.EXEC):
+            self._raised_on = raised_on  # what the ranks keep for debug(): see _worker
         error = self._failure_of(result)
         if error is not None:
+            _release_results(replies)
             raise error
         values = []
         for rank in sorted(payloads):
-            reply = result.outcomes[rank].reply
+            reply = replies.pop(rank)
             assert isinstance(reply, Done), reply
             try:
-                values.append(_serialize.loads(reply.payload))
+                values.append(_dataplane.load(reply.payload, consume=True))
             except BaseException as unpickling:
+                _release_results(replies)
                 add_note(unpickling, f"ranks: while unpickling the result of rank {rank}"
                          " in the kernel")
                 raise
         return values
+
+    def _warn_if_resent(self, fn: Callable[..., Any]) -> None:
+        """Say once per global when a call ships the same big array or tensor as the call
+        before it did: it is copied into shared memory on every call."""
+        for label, value, size in _serialize.big_captures(fn):
+            try:
+                before = self._big_sent.get(label)
+                self._big_sent[label] = weakref.ref(value)
+            except TypeError:  # cannot be weakly referenced: cannot be recognised either
+                continue
+            if before is not None and before() is value and label not in self._big_warned:
+                self._big_warned.add(label)
+                name = label.split("'")[1] if "'" in label else "x"
+                warnings.warn(
+                    f"ranks: the {label} ({size / 2**20:.1f} MiB) is sent to the ranks again"
+                    f" with every call; send it once with World.push({name}={name}) (or"
+                    f" `%ranks push {name}`) and use it on the ranks by name",
+                    RuntimeWarning, stacklevel=3,
+                )
+
+    @contextmanager
+    def _turn(self, timeout: float | None, started: float) -> Iterator[None]:
+        """Hold the World while the block runs, once no other thread's call is running.
+
+        The wait wakes every INTERRUPT_POLL seconds: an interrupt that comes without a
+        signal (ipykernel on Windows) is raised only between waits. Out of ``timeout``
+        (counted from ``started``) before its turn, the call is given up: nothing was sent.
+        """
+        __tracebackhide__ = True
+        deadline = None if timeout is None else started + timeout
+        while True:
+            wait = INTERRUPT_POLL
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.monotonic()))
+            if self._lock.acquire(timeout=wait):
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RanksTimeout(timeout or 0.0, {}, waited=True)
+        try:
+            yield
+        finally:
+            self._lock.release()
 
     def _mark_broken_if_dead(self) -> list[int]:
         """The ranks that have ended; if any, the World is broken and the others are killed."""
@@ -261,13 +416,50 @@ class World:
             error = result.timeout
         elif result.interrupted:
             error = KeyboardInterrupt()
-            if dead:
-                add_note(error, f"ranks: ranks {dead} did not stop in time and were killed")
+            # Those that had to be terminated or killed for it, while they ran a call: a
+            # rank still starting is ended at once, as it should be.
+            killed = sorted(rank for rank, outcome in result.outcomes.items()
+                            if outcome.crash is not None and outcome.crash.during != "starting"
+                            and outcome.stopped_by in ("SIGTERM", "SIGKILL"))
+            if killed:
+                add_note(error, f"ranks: ranks {killed} did not stop in time and were killed")
+            if result.hung:
+                add_note(error, hang_note(result.hung))
+        if error is not None:
+            self._supervisor.router.keep()  # the error may point at the logs
+        if isinstance(error, RanksTimeout):
+            add_note(error, f"ranks: all the ranks printed (until the kernel exits):"
+                     f" {self._supervisor.router.log_dir}")
         if error is not None and dead and not self._one_shot:
             # Said by whichever error the cell shows: a timeout or an interrupt that had to
             # kill, as much as a crash, leaves the World unusable.
             add_note(error, "ranks: this World is broken; start a new one (or `%ranks restart`)")
         return error
+
+
+def _release_results(replies: Mapping[int, object]) -> None:
+    """Results that will never be unpickled (the call failed): their files go now."""
+    for reply in replies.values():
+        if isinstance(reply, Done):
+            _dataplane.release(reply.payload)
+
+
+def _close_supervisor(
+    lock: threading.RLock, supervisor: Supervisor, folders: Folders | None,
+) -> None:
+    """The World's finalizer: ``close()``, garbage collection, interpreter exit.
+
+    At exit a daemon thread may still be in a call: after CLOSE_WAIT its ranks are ended
+    all the same, since nothing of a World may outlive the interpreter.
+    """
+    held = lock.acquire(timeout=CLOSE_WAIT)
+    try:
+        supervisor.close()
+    finally:
+        if held:
+            lock.release()
+        if folders is not None:
+            folders.remove()  # results the kernel still holds stay mapped
 
 
 MAX_RANKS_WAITED = 15  # Windows before Python 3.13: see _check_world
@@ -383,9 +575,10 @@ def _rank_environments(
         # code that calls init_process_group() itself (env://) fails without this
         # (pytorch/pytorch#139990).
         base.setdefault("USE_LIBUV", "0")
+    frameworks = _frameworks.environments(specs, shared["MASTER_ADDR"], _free_port)
     envs = {}
     for spec in specs:
-        env = {**base, **shared}
+        env = {**base, **frameworks[spec.rank], **extra, **shared}
         env.update(RANK=str(spec.rank), LOCAL_RANK=str(spec.rank), ROLE_RANK=str(spec.rank))
         envs[spec.rank] = env
     return envs
