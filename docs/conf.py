@@ -1,0 +1,27 @@
+"""Sphinx configuration of the reference documentation (``sphinx-build -W docs build/docs``).
+
+The pages are Markdown (MyST); the API page renders the public names' docstrings with
+autodoc. scripts/docs.sh builds it with warnings as errors, in CI through scripts/test.sh.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))  # document this checkout's ranks, installed or not
+
+import ranks  # noqa: E402
+
+project = "ranks"
+release = ranks.__version__
+extensions = ["myst_parser", "sphinx.ext.autodoc"]
+source_suffix = {".md": "markdown"}
+# Pages of the repository that are not part of the site.
+exclude_patterns = ["README.md"]
+myst_heading_anchors = 3
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+html_theme = "alabaster"
+html_static_path: list[str] = []
