@@ -23,5 +23,7 @@ exclude_patterns = ["README.md"]
 myst_heading_anchors = 3
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+python_use_unqualified_type_names = True
 html_theme = "alabaster"
+html_theme_options = {"page_width": "1100px", "sidebar_width": "220px"}
 html_static_path: list[str] = []
