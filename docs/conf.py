@@ -18,12 +18,13 @@ project = "ranks"
 release = ranks.__version__
 extensions = ["myst_parser", "sphinx.ext.autodoc"]
 source_suffix = {".md": "markdown"}
-# Pages of the repository that are not part of the site.
-exclude_patterns = ["README.md"]
 myst_heading_anchors = 3
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
 python_use_unqualified_type_names = True
+# Command lines (--gpus, --torch-dist) keep their two hyphens.
+smartquotes = False
 html_theme = "alabaster"
 html_theme_options = {"page_width": "1100px", "sidebar_width": "220px"}
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["wrap.css"]
