@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build ranks as a user gets it, check it, install it into a fresh environment and run a
 # notebook against it:
-#   1. the sdist and the wheel (python -m build) into build/dist;
+#   1. the sdist, and the wheel built from it (python -m build), into build/dist: a file the
+#      sdist lacks fails the wheel or its smoke test;
 #   2. their metadata (twine check --strict: the README renders on PyPI; the wheel declares
 #      Requires-Python and the extras the README names);
 #   3. a fresh venv (build/wheel-venv) with only the wheel and its notebook extra, no torch
@@ -24,9 +25,9 @@ if [ -z "${RANKS_PY:-}" ]; then
 fi
 dist=build/dist fresh=build/wheel-venv
 
-echo "==> python -m build: the sdist and the wheel into $dist"
+echo "==> python -m build: the sdist, and the wheel from it, into $dist"
 rm -rf "$dist"
-_ranks_pip "$RANKS_PY" -m build --sdist --wheel --outdir "$dist" .
+_ranks_pip "$RANKS_PY" -m build --outdir "$dist" .
 echo "==> twine check --strict"
 "$RANKS_PY" -m twine check --strict "$dist"/*
 

@@ -8,8 +8,10 @@
 #
 # The environment is .venv in the repository, shared with scripts/demo.sh (made on the first
 # run, reused after; $RANKS_VENV names another). See scripts/_env.sh for RANKS_PYTHON,
-# RANKS_WHEELS (install offline from a folder of wheels) and RANKS_TORCH. pytest writes a JUnit report to
-# $RANKS_RESULTS (default: build/test-results/junit.xml, or $OUT/junit.xml where $OUT is set).
+# RANKS_WHEELS (install offline from a folder of wheels) and RANKS_TORCH; RANKS_OTHER_PYTHONS
+# names the Pythons of the core passes (default "3.10 3.13"; empty: none). pytest writes a
+# JUnit report to $RANKS_RESULTS (default: build/test-results/junit.xml, or $OUT/junit.xml
+# where $OUT is set).
 #
 # Every check runs even when an earlier one fails; the exit status is non-zero if any failed.
 # pytest's exit status 5 (no test collected) counts as a failure: a run that tested nothing
