@@ -118,7 +118,12 @@ if [ "$#" -eq 0 ]; then
   # torch for Linux (its wheels pull several GB of CUDA libraries), and ranks does not need
   # it; the tests that do skip, naming it (about a minute each, plus the venv the first time).
   core_files=(tests/test_run_notebook.py tests/test_failures.py tests/test_world.py)
-  for version in ${RANKS_OTHER_PYTHONS-3.10 3.13}; do
+  other_pythons=${RANKS_OTHER_PYTHONS-3.10 3.13}
+  if [ -n "${RANKS_WHEELS:-}" ]; then  # the wheels folder holds this Python's wheels only
+    echo "==> skipped: the passes on Python ${other_pythons:-(none)} (installing offline)"
+    other_pythons=""
+  fi
+  for version in $other_pythons; do
     interpreter=$(python_for "$version")
     if [ -z "$interpreter" ]; then
       if [ "${RANKS_REQUIRE_PYTHONS:-0}" = 1 ]; then
