@@ -14,6 +14,7 @@ kernel's files are not a leak: the next ranks start removes them.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -73,8 +74,15 @@ def _ranks_files() -> set[Path]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With RANKS_TEST_KERNEL=windows only the tests that drive a kernel concern Windows:
-    the others run this interpreter, as in the suite's other passes."""
+    """Tests marked ``torch`` skip where torch is not installed (torch is optional: the
+    Python-version passes of scripts/test.sh run without it). With RANKS_TEST_KERNEL=windows
+    only the tests that drive a kernel concern Windows: the others run this interpreter, as
+    in the suite's other passes."""
+    if importlib.util.find_spec("torch") is None:
+        skip = pytest.mark.skip(reason="needs torch, which is not installed here")
+        for item in items:
+            if item.get_closest_marker("torch") is not None:
+                item.add_marker(skip)
     if not WINDOWS_KERNEL:
         return
     in_kernel = [i for i in items if {"kernel", "fresh_kernel"} & set(i.fixturenames)]  # type: ignore[attr-defined]
