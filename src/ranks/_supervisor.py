@@ -52,7 +52,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 
 from . import _notebook, _protocol, _runtime_dir
 from ._errors import RankCrashed, RanksTimeout
@@ -70,7 +69,7 @@ from ._protocol import (
     Interrupted,
     Ready,
 )
-from ._spawn import KILL, OutputStream, RankProcess
+from ._spawn import KILL, OutputStream, RankProcess, ready_among
 from ._stacks import ENDED, ThreadStack, parse_dump, rank_text
 from ._template import launch_ranks, settle_closed_templates
 
@@ -544,7 +543,7 @@ class Supervisor:
         """
         rank = proc.spec.rank
         try:
-            while proc.conn.poll():
+            while ready_among([proc.conn], 0):  # conn.poll(), without its selector
                 message = _protocol.recv(proc.conn)
                 if isinstance(message, (Ready, Done, Failed, DebugPrompt)):
                     self._catch_up_output(proc)
@@ -818,13 +817,13 @@ class _NotAnswered(Exception):
 
 
 def _wait_for(sources: list[object], timeout: float | None) -> list[object]:
-    """``multiprocessing.connection.wait``, where an interrupt only wakes it up.
+    """``ready_among`` (``multiprocessing.connection.wait``), where an interrupt only wakes it up.
 
     On Windows a SIGINT in the main thread makes it raise InterruptedError (POSIX retries
     after the handler ran); our handler has noted the interrupt by then.
     """
     try:
-        return list(wait(sources, timeout))  # type: ignore[arg-type]
+        return ready_among(sources, timeout)
     except InterruptedError:
         return []
 
