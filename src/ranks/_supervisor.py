@@ -71,7 +71,7 @@ from ._protocol import (
 )
 from ._spawn import KILL, OutputStream, RankProcess, ready_among
 from ._stacks import ENDED, ThreadStack, parse_dump, rank_text
-from ._template import launch_ranks, settle_closed_templates
+from ._template import launch_ranks, prestart, settle_closed_templates
 
 log = logging.getLogger("ranks")
 
@@ -212,6 +212,7 @@ class Supervisor:
             # never come, deaf to Close: end them now rather than after CLOSE_GRACE.
             for proc in self._procs.values():
                 proc.signal_tree(KILL)
+            prestart()  # a cause that failed this start (E2BIG, EMFILE) may pass later
             if isinstance(error, TimeoutError) and timeout is not None:
                 raise RanksTimeout(timeout, {}) from None
             raise
@@ -221,6 +222,9 @@ class Supervisor:
                               "starting")
         finally:
             self.router.end_call()
+            # The template, for the starts after this one: only now, so that its imports
+            # do not take the CPU that these ranks needed to start.
+            prestart()
 
     def close(self) -> None:
         """Ask every live rank to exit, escalate for those that do not; release everything."""

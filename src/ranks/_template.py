@@ -15,10 +15,10 @@ request. A rank forked from it starts with torch imported and no CUDA state.
       | -- ("preload", module names) --------------> |  the notebook's newer imports
       | -- close (EOF) ----------------------------> |  exits once its ranks are gone
 
-One template per kernel, started at ``%load_ext ranks`` (``prestart``) or on first use,
-never at import, closed at interpreter exit. No call waits for it to start: until it is
-ready, ranks are spawned (``get_template``). It preloads what the kernel imported, not
-what is installed. It dies with the kernel (a pidfd on the kernel, else the parent-death signal; and
+One template per kernel, started at ``%load_ext ranks`` or once the first call's ranks are
+up (``prestart``), never at import, closed at interpreter exit. No call waits for it to
+start: until it is ready, ranks are spawned (``get_template``). It preloads what the kernel
+imported, not what is installed. It dies with the kernel (a pidfd on the kernel, else the parent-death signal; and
 EOF on its socket). Linux only. ``start_method`` picks how ranks start:
 
     template   Linux's default: forked from the template
@@ -413,6 +413,7 @@ def get_template(deadline: float | None = None) -> Template | None:
     died, one that went stale and one tried again after failures all start in the
     background, and the caller spawns meanwhile (about what one template start costs, where
     waiting would add the template's imports to it). Calls after it fork once it answered.
+    None without a template: ``prestart`` starts it, after the caller's ranks are up.
     """
     global _template
     if _template is not None and _template.alive:
@@ -427,9 +428,9 @@ def get_template(deadline: float | None = None) -> Template | None:
             _template.wait_ready(deadline)  # its reply is in: at once
             _template.preload(_kernel_modules(_template.denied))
             return _template
-    _register_exit_hook()
     close_template()
-    _template = Template(_denied)
+    # prestart() starts the next one once this call's ranks are up (Supervisor.start):
+    # started now, its imports (torch: over a second of CPU) would slow their start.
     return None
 
 
@@ -596,14 +597,18 @@ def settle_closed_templates() -> None:
 
 
 def prestart() -> None:
-    """Start the template now, without waiting for it (``%load_ext ranks``)."""
+    """Start the template now, without waiting for it, unless one runs (``%load_ext
+    ranks``, and each start of ranks once they are up: see ``get_template``)."""
     global _template
     with _lock:
         if (start_method() != "template" or _unavailable is not None or _template is not None
                 or not _retry.allows(time.monotonic())):
             return
         _register_exit_hook()
-        _template = Template(_denied)
+        try:
+            _template = Template(_denied)
+        except OSError as error:  # too few fds, an environment too large to exec: may pass
+            _failed(error)
 
 
 _exit_hook_registered = False
