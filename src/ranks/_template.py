@@ -18,8 +18,8 @@ request. A rank forked from it starts with torch imported and no CUDA state.
 One template per kernel, started at ``%load_ext ranks`` or once the first call's ranks are
 up (``prestart``), never at import, closed at interpreter exit. No call waits for it to
 start: until it is ready, ranks are spawned (``get_template``). It preloads what the kernel
-imported, not what is installed. It dies with the kernel (a pidfd on the kernel, else the parent-death signal; and
-EOF on its socket). Linux only. ``start_method`` picks how ranks start:
+imported, not what is installed. It dies with the kernel (a pidfd on the kernel, else the
+parent-death signal; and EOF on its socket). Linux only. ``start_method`` picks how ranks start:
 
     template   Linux's default: forked from the template
     spawn      Linux's fallback: a fresh interpreter given its fds (``_spawn``)
