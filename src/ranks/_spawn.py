@@ -299,7 +299,10 @@ def spawn_rank(
                 raise KeyboardInterrupt
             sentinel = process_sentinel(popen)
         except BaseException:
-            os.killpg(popen.pid, KILL)
+            # The rank may be gone already (nothing left in its group): the error that
+            # brought us here is the one to raise, not ESRCH.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, KILL)
             popen.wait()
             raise
         return ends.handle(spec, popen.pid, sentinel, stacks_path, popen.wait)
