@@ -77,7 +77,14 @@ from ._lifeline import watch_parent
 from ._notebook import kernel_environment
 from ._placement import RankSpec
 from ._portable import PortableStart
-from ._spawn import PACKAGE_PARENT, RankEnds, RankProcess, close_quietly, spawn_rank
+from ._spawn import (
+    PACKAGE_PARENT,
+    RankEnds,
+    RankProcess,
+    close_quietly,
+    interrupt_held,
+    spawn_rank,
+)
 
 log = logging.getLogger("ranks")
 
@@ -138,12 +145,17 @@ class Template:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             boot = _BOOT.format(parent=PACKAGE_PARENT)
-            with _runtime_dir.open_log(self.log_path) as log_file:  # its failures, for the user
+            with _runtime_dir.open_log(self.log_path) as log_file, \
+                    interrupt_held() as interrupted:  # (as spawn_rank: no pid lost)
                 self._popen = subprocess.Popen(
                     [sys.executable, "-c", boot, str(theirs.fileno()), str(os.getpid())],
                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                     pass_fds=(theirs.fileno(),), start_new_session=True,
                 )
+            if interrupted:
+                self._popen.kill()
+                self._popen.wait()
+                raise KeyboardInterrupt
         except BaseException:
             ours.close()
             raise
