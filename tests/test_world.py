@@ -398,6 +398,7 @@ def test_exception_on_one_rank_in_a_cell(magic: Kernel) -> None:
     cell = fails(magic, """
         %%ranks
         print(f"before on {ranks.current().rank}", flush=True)
+        time.sleep(0.3)  # rank 0 prints before rank 1's error stops it, however loaded
         if ranks.current().rank == 1: raise ValueError("bad rank")
     """)
     assert cell.error["ename"] == "ValueError" and cell.error["evalue"] == "bad rank"
