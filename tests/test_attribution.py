@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import signal
 
+from helpers import FakeClock
+
 from ranks._attribution import DEATH_SEEN_LATE, answered, cause, died
 from ranks._errors import RankCrashed, RankFailed
 from ranks._escalation import FAILURE_INTERRUPT_GRACE, Escalation
@@ -20,16 +22,8 @@ PIDS = {0: 1000, 1: 1001, 2: 1002}
 DEVICES = dict.fromkeys(PIDS, "cpu")
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 50.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def _escalation() -> tuple[Escalation, FakeClock]:
-    clock = FakeClock()
+    clock = FakeClock(50.0)
     escalation = Escalation(clock)
     escalation.begin(starting=False)
     return escalation, clock

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import signal
 
+from helpers import FakeClock
+
 from ranks._escalation import (
     FAILURE_INTERRUPT_GRACE,
     FORCE,
@@ -21,17 +23,6 @@ from ranks._escalation import (
     Escalation,
     Send,
 )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def _policy(starting: bool = False) -> tuple[Escalation, FakeClock]:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import cell
 from kernel import Cell, Kernel
 
 import ranks
@@ -263,7 +264,8 @@ def wait_for(*names, seconds=60):
 
 
 def run(kernel: Kernel, code: str, timeout: float = 90.0) -> Cell:
-    return kernel.ok(textwrap.dedent(code).strip("\n"), timeout)
+    """:func:`helpers.cell`, with the longer deadline of a cell that waits for a hang."""
+    return cell(kernel, code, timeout)
 
 
 @pytest.fixture(scope="module")

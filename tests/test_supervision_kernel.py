@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import psutil
 import pytest
+from helpers import alive_after, wait_for_files
 from kernel import Kernel
 
 # The ranks' code for the interrupt tests: each rank writes its pid, says it started, and
@@ -39,30 +38,6 @@ def work(ignore_interrupt):
 """
 
 
-def _wait_for(paths: Iterable[Path], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    missing = list(paths)
-    while missing:
-        assert time.monotonic() < deadline, f"never appeared: {missing}"
-        time.sleep(0.02)
-        missing = [p for p in missing if not p.exists()]
-
-
-def _gone_within(pids: Iterable[int], seconds: float) -> list[int]:
-    """The pids still alive after ``seconds`` (a zombie counts as dead)."""
-    deadline = time.monotonic() + seconds
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.02)
-        alive = [pid for pid in alive if _alive(pid)]
-    return alive
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 @pytest.mark.timeout(90)
@@ -81,7 +56,7 @@ def test_interrupt_stops_ranks(fresh_kernel: Kernel, ignore_interrupt: bool) -> 
     assert seconds < 5.0, f"the cell took {seconds:.1f} s to end after the interrupt"
     assert "[rank 0] working" in cell.stdout and "[rank 1] working" in cell.stdout
     pids = [int((folder / f"pid-{rank}").read_text()) for rank in (0, 1)]
-    assert _gone_within(pids, 2.0) == []
+    assert alive_after(pids, 2.0) == []
     for rank in (0, 1):
         ran = {name for name in ("interrupted", "finally") if (folder / f"{name}-{rank}").exists()}
         # SIG_IGN: nothing ran (SIGTERM ended it); otherwise the rank's own cleanup ran.
@@ -112,12 +87,12 @@ def work():
     time.sleep(600)
 """)
     k.client.execute("ranks.run(work, n=2)")  # never finishes: the kernel dies under it
-    _wait_for([folder / "pids-0", folder / "pids-1"], 30)
+    wait_for_files([folder / "pids-0", folder / "pids-1"], 30)
     pids = [int(pid) for rank in (0, 1) for pid in (folder / f"pids-{rank}").read_text().split()]
     descendants = [p.pid for p in psutil.Process(k.pid).children(recursive=True)]
     assert set(pids) <= set(descendants), (pids, descendants)  # the template is in there too
     os.kill(k.pid, signal.SIGKILL)
-    assert _gone_within(descendants, 2.5) == [], "outlived the kernel"
+    assert alive_after(descendants, 2.5) == [], "outlived the kernel"
 
 
 @pytest.mark.timeout(120)

@@ -29,20 +29,19 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
+from helpers import cell, gone, wait_for
 from kernel import KERNEL_PIDS, Kernel
 
 
 @pytest.fixture(scope="module", autouse=True)
 def template_start_method() -> Iterator[None]:
-    """Kernels here start with the template, also in the suite's RANKS_START_METHOD=spawn pass.
+    """Kernels here start with the template, also where RANKS_START_METHOD says otherwise.
 
     Module-scoped and autouse, so it is in place before the module's ``kernel`` starts.
     """
@@ -53,10 +52,6 @@ def template_start_method() -> Iterator[None]:
 
 DEATH_DEADLINE = 2.0  # seconds for the template and ranks to follow a killed kernel
 EXIT_DEADLINE = 10.0  # seconds for an old template to leave once its ranks are gone
-
-
-def cell(kernel: Kernel, code: str, timeout: float = 60.0) -> None:
-    kernel.ok(textwrap.dedent(code), timeout)
 
 
 def templates(kernel_pid: int) -> list[psutil.Process]:
@@ -75,23 +70,6 @@ def the_template(kernel_pid: int) -> psutil.Process:
     found = templates(kernel_pid)
     assert len(found) == 1, f"expected one template child of the kernel, found {found}"
     return found[0]
-
-
-def wait_for(condition: Any, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def gone(pid: int) -> bool:
-    """Exited (a zombie waiting for its reaper counts as gone: it runs nothing)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def rank_parents(kernel: Kernel, n: int = 2) -> list[tuple[int, int]]:
