@@ -121,9 +121,8 @@ class WaitResult:
 class Supervisor:
     """Owns the processes of one World; every method runs in the calling thread."""
 
-    def __init__(self, specs: list[RankSpec], envs: Mapping[int, Mapping[str, str]], cwd: str):
+    def __init__(self, specs: list[RankSpec], cwd: str):
         self.specs = specs
-        self._envs = envs
         self._cwd = cwd
         self._procs: dict[int, RankProcess] = {}
         self._escalation = Escalation()
@@ -150,12 +149,14 @@ class Supervisor:
 
     def start(
         self,
+        envs: Mapping[int, Mapping[str, str]],
         init_for: Callable[[RankSpec], Init],
         timeout: float | None,
         shown: Callable[[int], bool],
         started: float | None = None,
     ) -> WaitResult:
-        """Start every rank and wait until each is Ready (or one fails: then stop the rest).
+        """Start every rank with its environment in ``envs`` and wait until each is Ready
+        (or one fails: then stop the rest).
 
         ``timeout`` counts from ``started`` (default: now) and covers launching too.
         """
@@ -163,7 +164,7 @@ class Supervisor:
         deadline = None if timeout is None else started + timeout
         self._shown = shown
         requests = [
-            (spec, self._envs[spec.rank], self._cwd, self._stacks_path(spec.rank))
+            (spec, envs[spec.rank], self._cwd, self._stacks_path(spec.rank))
             for spec in self.specs
         ]
 
@@ -272,6 +273,14 @@ class Supervisor:
 
     def log_path(self, rank: int) -> str:
         return self.router.log_path(rank)
+
+    @property
+    def log_dir(self) -> str:
+        return self.router.log_dir
+
+    def keep_logs(self) -> None:
+        """Keep the logs after close (an error points at them)."""
+        self.router.keep()
 
     @property
     def pids(self) -> dict[int, int]:
