@@ -23,7 +23,7 @@ from helpers import fails
 from kernel import Kernel
 
 import ranks
-from ranks._template import start_method
+from ranks._start import start_method
 
 # --- item 2: one World used from two threads ----------------------------------------------
 

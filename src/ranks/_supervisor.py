@@ -81,7 +81,8 @@ from ._protocol import (
 )
 from ._spawn import KILL, OutputStream, RankProcess
 from ._stacks import ENDED, ThreadStack, parse_dump, rank_text
-from ._template import launch_ranks, settle_closed_templates
+from ._start import launch_ranks
+from ._template import settle_closed_templates
 from ._wakeup import InterruptWakeup
 
 log = logging.getLogger("ranks")

@@ -16,17 +16,9 @@ request. A rank forked from it starts with torch imported and no CUDA state.
 
 One template per kernel, started on first use (never at import), closed at interpreter
 exit. It dies with the kernel (a pidfd on the kernel, else the parent-death signal; and
-EOF on its socket). Linux only. ``start_method`` picks how ranks start:
+EOF on its socket). Linux only: this is the start method ``template``, one of those
+``_start`` chooses from.
 
-    template   Linux's default: forked from the template
-    spawn      Linux's fallback: a fresh interpreter given its fds (``_spawn``)
-    portable   the default elsewhere (Windows, macOS): a fresh interpreter connected back
-               over loopback (``_portable``)
-
-``RANKS_START_METHOD`` chooses another where the system allows it (portable: all of them;
-spawn: POSIX). macOS takes the portable start although spawn would work there: spawn
-without Linux's pidfd and watcher process runs nowhere in the test suite, while the
-portable start runs in it on Linux and on Windows.
 A preload that would initialise CUDA or start a thread is dropped, logged, and the
 template restarted without it: fork is only safe from a single-threaded, CUDA-free process.
 
@@ -72,12 +64,11 @@ from ._errors import TEMPLATE_ENDED
 from ._lifeline import watch_parent
 from ._notebook import kernel_environment
 from ._placement import RankSpec
-from ._portable import PortableStart
 from ._spawn import PACKAGE_PARENT, RankEnds, RankProcess, close_quietly, spawn_rank
+from ._start import Request
 
 log = logging.getLogger("ranks")
 
-START_METHOD_VARIABLE = "RANKS_START_METHOD"
 READY_TIMEOUT = 180.0  # importing torch on a cold disk can take a while
 ALWAYS_PRELOAD = ("numpy", "torch", "torch.distributed", "torch.nn", "torch.nn.parallel")
 # Modules that only make sense in the kernel, or that start threads when imported.
@@ -94,21 +85,6 @@ _BOOT = (
     "from ranks._template import serve; serve(sys.argv[1:])"
 )
 
-
-def start_method() -> str:
-    """``"template"``, ``"spawn"`` or ``"portable"``: see the module's docstring."""
-    default = "template" if _can_fork() else "portable"
-    chosen = os.environ.get(START_METHOD_VARIABLE, "").strip().lower()
-    if chosen == "portable" or (chosen == "spawn" and os.name == "posix"):
-        return chosen
-    if chosen and chosen != "template":
-        log.warning("%s=%r is not 'template', 'spawn' or 'portable'; using the default",
-                    START_METHOD_VARIABLE, chosen)
-    return default
-
-
-def _can_fork() -> bool:
-    return sys.platform.startswith("linux") and hasattr(socket, "send_fds")
 
 
 # --- kernel side -------------------------------------------------------------------------
@@ -464,17 +440,12 @@ _retry = Backoff()  # after failures that may pass
 _lock = threading.RLock()  # Worlds may start from several threads; the template is one
 
 
-def launch_ranks(
-    requests: Sequence[tuple[RankSpec, Mapping[str, str], str, str]],
-    deadline: float | None,
-    launched: Callable[[RankProcess], None],
+def launch(
+    requests: Sequence[Request], deadline: float | None, launched: Callable[[RankProcess], None],
 ) -> None:
-    """Start ranks (spec, env, cwd, stacks_path) the fastest safe way ``start_method``
-    allows: forked from the template, else spawned, or the portable start; hand each to
-    ``launched`` as soon as it runs. TimeoutError when ``deadline`` passes first."""
-    if start_method() == "portable":
-        _launch_portable(requests, deadline, launched)
-        return
+    """Start ranks forked from the template, or spawned where it cannot fork (see the
+    module's docstring); hand each to ``launched`` as soon as it runs. TimeoutError when
+    ``deadline`` passes first."""
     wait_for_lock = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
     if not _lock.acquire(timeout=wait_for_lock):
         raise TimeoutError("another thread was starting ranks")
@@ -507,30 +478,6 @@ def launch_ranks(
             launched(process)
     finally:
         _lock.release()
-
-
-def _launch_portable(
-    requests: Sequence[tuple[RankSpec, Mapping[str, str], str, str]],
-    deadline: float | None,
-    launched: Callable[[RankProcess], None],
-) -> None:
-    """Start every rank, then take their connections: they boot side by side."""
-    starts: list[PortableStart] = []
-    try:
-        for spec, env, cwd, stacks_path in requests:
-            starts.append(PortableStart(spec, env, cwd, stacks_path))
-    except BaseException:
-        for start in starts:
-            start.kill()
-        raise
-    for index, start in enumerate(starts):
-        try:
-            # connect() ends its own rank when it fails; the caller those it was given.
-            launched(start.connect(deadline))
-        except BaseException:
-            for later in starts[index + 1:]:
-                later.kill()
-            raise
 
 
 def _forget_or_give_up(unsafe: TemplateUnsafe) -> None:
@@ -567,7 +514,7 @@ def _recovered() -> None:
 def _usable_template(deadline: float | None) -> Template | None:
     """The template to fork from, or None for spawn: while the back-off runs after a failure,
     while a replacement starts, or when its start fails (twice, if the call waited for it)."""
-    if start_method() != "template" or _unavailable is not None:
+    if _unavailable is not None:
         return None
     if (_template is None or not _template.alive) and not _retry.allows(time.monotonic()):
         return None
@@ -625,7 +572,7 @@ def prestart() -> None:
     """Start the template now, without waiting for it (``%load_ext ranks``)."""
     global _template
     with _lock:
-        if (start_method() != "template" or _unavailable is not None or _template is not None
+        if (_unavailable is not None or _template is not None
                 or not _retry.allows(time.monotonic())):
             return
         _register_exit_hook()

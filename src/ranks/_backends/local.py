@@ -2,7 +2,7 @@
 
 The ranks are run by ``_supervisor.Supervisor`` (one multiplexed wait over their channels,
 output and deaths; escalation when they must stop), started by the chosen start method
-(``_template.launch_ranks``). What this module adds is how they find each other on one
+(``_start.launch_ranks``). What this module adds is how they find each other on one
 host: loopback for ``MASTER_ADDR`` and for Gloo's and NCCL's own sockets (on Linux, where
 the loopback interface is ``lo``), a port free when the World starts, and a FileStore in
 the World's private folder for ``torch_dist=True``, so its rendezvous opens no TCP port.
