@@ -8,11 +8,13 @@ request. A rank forked from it starts with torch imported and no CUDA state.
 
     kernel (Template)                              template process (serve)
       | spawn: python -c ...; pdeathsig, own session |
-      | <-------------------- ("ready", report) --- |  after preloading and the CUDA check
-      | -- ("fork", env, cwd) + fds [ctrl, out, err] -> fork(): the child becomes a rank
-      | <------------- ("forked", pid) + fd [exit] -- |  exit pipe: the child's wait status
-      | -- ("preload", module names) --------------> |  the notebook's newer imports
-      | -- close (EOF) ----------------------------> |  exits once its ranks are gone
+      | <--------------------- TemplateReady ------ |  after preloading and the CUDA check
+      | -- Fork + fds [ctrl, out, err] -----------> |  fork(): the child becomes a rank
+      | <-------------- Forked (pid) + fd [exit] -- |  exit pipe: the child's wait status
+      | -- Configure, Preload (module names) -----> |  the notebook's newer imports
+      | -- close (EOF) ---------------------------> |  exits once its ranks are gone
+
+The messages are ``_template_protocol``'s.
 
 One template per kernel, started on first use (never at import), closed at interpreter
 exit. It dies with the kernel (a pidfd on the kernel, else the parent-death signal; and
@@ -59,6 +61,7 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from . import _runtime_dir
+from . import _template_protocol as messages
 from ._backoff import Backoff
 from ._errors import TEMPLATE_ENDED
 from ._lifeline import watch_parent
@@ -79,7 +82,6 @@ NEVER_PRELOAD = frozenset({
     "jedi", "parso", "pexpect", "ptyprocess", "pickleshare", "nest_asyncio", "anyio",
     "ranks", "psutil", "pytest", "_pytest", "pluggy", "wandb", "tensorboard", "ray",
 })
-_MAX_MESSAGE = 1 << 22
 _BOOT = (
     "import sys; sys.path.append({parent!r}); "
     "from ranks._template import serve; serve(sys.argv[1:])"
@@ -153,9 +155,9 @@ class Template:
         if self._ready:
             return
         reply, _ = self._recv(deadline, f"did not start in {READY_TIMEOUT:g} s")
-        if reply[0] != "ready":
-            raise RuntimeError(f"the ranks template failed to start: {reply[1]}")
-        self.report = reply[1]
+        if not isinstance(reply, messages.TemplateReady):
+            raise RuntimeError(f"the ranks template failed to start: {reply}")
+        self.report = dict(reply.report)
         for module, why in self.report.get("skipped", {}).items():
             log.info("ranks template: not preloading %s (%s)", module, why)
         self._ready = True
@@ -176,14 +178,15 @@ class Template:
             # The template imports them from the kernel's folder and sys.path as they are now,
             # and under its environment: a module that reads a variable at import gets the
             # value the kernel's import got.
-            config = ("config", list(sys.path), os.getcwd())
+            where = (tuple(sys.path), os.getcwd())
             try:
-                self._send((*config, kernel_environment()))
+                self._send(messages.Configure(*where, kernel_environment()))
             except OSError as error:
                 if error.errno != errno.EMSGSIZE:
                     raise
-                self._send((*config, None))  # too large (see fork_rank): keep the one it has
-            self._send(("preload", new))
+                # Too large (see fork_rank): it keeps the environment it has.
+                self._send(messages.Configure(*where, None))
+            self._send(messages.Preload(tuple(new)))
 
     def stale(self) -> bool:
         """Has a notebook module it imported changed on disk (an edit, a reload), or a
@@ -201,9 +204,9 @@ class Template:
             raise TimeoutError("no time left to fork a rank")
         with RankEnds() as ends:
             sent = False
+            request = messages.Fork(dict(env), cwd, stacks_path)
             try:
-                request = pickle.dumps(("fork", dict(env), cwd, stacks_path))
-                socket.send_fds(self._sock, [request], list(ends.child_fds))
+                messages.send(self._sock, request, ends.child_fds)
                 sent = True
                 # A request sent is answered at once (the template is ready): a reply a
                 # little past the deadline is still worth taking, rather than giving the
@@ -214,9 +217,9 @@ class Template:
                 if not sent and error.errno == errno.EMSGSIZE:
                     # Larger than the socket's send buffer (net.core.wmem_default, 208 KiB
                     # by default): the environment, mostly. Nothing was sent: still in step.
+                    size = len(pickle.dumps(request))
                     raise TooLargeToFork(f"the rank's environment is too large to send to"
-                                         f" the ranks template ({len(request)} bytes)"
-                                         ) from error
+                                         f" the ranks template ({size} bytes)") from error
                 self.close()
                 raise
             except BaseException:
@@ -224,9 +227,9 @@ class Template:
                 # reply would answer our next request. Nobody uses this template again.
                 self.close()
                 raise
-            if reply[0] == "poisoned":
-                raise TemplateUnsafe(reply[1], reply[2])
-            if reply[0] != "forked" or len(fds) != 1:
+            if isinstance(reply, messages.Poisoned):
+                raise TemplateUnsafe(reply.module, reply.why)
+            if not isinstance(reply, messages.Forked) or len(fds) != 1:
                 raise RuntimeError(f"the ranks template could not fork a rank: {reply}")
             exit_read = fds[0]
             self.live_ranks += 1
@@ -235,7 +238,7 @@ class Template:
                 self.live_ranks -= 1
                 return _read_status(exit_read)
 
-            return ends.handle(spec, reply[1], exit_read, stacks_path, collect_status)
+            return ends.handle(spec, reply.pid, exit_read, stacks_path, collect_status)
 
     def close(self) -> None:
         """Let the template go: it exits once the ranks it forked have exited."""
@@ -243,10 +246,12 @@ class Template:
         with contextlib.suppress(OSError):
             self._sock.close()
 
-    def _send(self, message: tuple[Any, ...]) -> None:
-        self._sock.send(pickle.dumps(message))
+    def _send(self, message: messages.ToTemplate) -> None:
+        messages.send(self._sock, message)
 
-    def _recv(self, deadline: float | None, late: str) -> tuple[tuple[Any, ...], list[int]]:
+    def _recv(
+        self, deadline: float | None, late: str
+    ) -> tuple[messages.ToKernel | messages.ToTemplate, list[int]]:
         """The next reply. TimeoutError when the caller's ``deadline`` passes first (the
         template may still answer later); RuntimeError when it does not answer at all."""
         ours = time.monotonic() + READY_TIMEOUT
@@ -256,10 +261,10 @@ class Template:
                 raise TimeoutError(f"the ranks template {late}")
             raise RuntimeError(f"the ranks template did not answer in {READY_TIMEOUT:g} s"
                                f" (its log: {self.log_path})")
-        data, fds, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, 4)
-        if not data:
+        reply, fds = messages.recv(self._sock)
+        if reply is None:
             raise RuntimeError(f"the ranks template exited (its log: {self.log_path})")
-        return pickle.loads(data), fds
+        return reply, fds
 
 
 # Variables (by prefix) read once, when an interpreter starts or a library the template
@@ -417,7 +422,7 @@ def get_template(deadline: float | None = None) -> Template | None:
             forget_unsafe(unsafe)
         except (TimeoutError, KeyboardInterrupt):
             # Still starting: the next call may find it ready, and the only reply it owes
-            # is "ready", so it stays in step.
+            # is TemplateReady, so it stays in step.
             raise
         except BaseException:
             close_template()
@@ -613,7 +618,7 @@ def serve(argv: list[str]) -> None:
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # only to wake select
     ready_sent = False
     closing = False
-    poisoned: tuple[str, str] | None = None  # (module, why) once forking became unsafe
+    poisoned: messages.Poisoned | None = None  # once forking became unsafe
     while not (closing and not children):
         watched: list[int | socket.socket] = [wake_read, *kernel_fds, *([] if closing else [sock])]
         readable, _, _ = select.select(watched, [], [])
@@ -624,52 +629,50 @@ def serve(argv: list[str]) -> None:
             _reap(children)
         if sock in readable:
             try:
-                data, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 4)
+                message, fds = messages.recv(sock)
             except OSError:
-                data, fds = b"", []
-            if not data:
+                message, fds = None, []
+            if message is None:
                 closing = True  # the kernel let go: leave once our ranks are gone
                 continue
-            message = pickle.loads(data)
-            if message[0] == "config":
-                _, sys_path, cwd, env = message
-                sys.path[:] = sys_path
+            if isinstance(message, messages.Configure):
+                sys.path[:] = message.sys_path
                 with contextlib.suppress(OSError):
-                    os.chdir(cwd)
-                if env is not None:
+                    os.chdir(message.cwd)
+                if message.environment is not None:
                     os.environ.clear()
-                    os.environ.update(env)
-            elif message[0] == "preload" and poisoned is None:
-                report = _preload(message[1])
+                    os.environ.update(message.environment)
+            elif isinstance(message, messages.Preload) and poisoned is None:
+                report = _preload(message.modules)
                 if report.get("poisoned"):
-                    poisoned = (report["poisoned"], report["why"])
+                    poisoned = messages.Poisoned(report["poisoned"], report["why"])
                 if not ready_sent:
-                    closing = closing or not _answer(sock, ("ready", report))
+                    closing = closing or not _answer(sock, messages.TemplateReady(report))
                     ready_sent = True
-            elif message[0] == "fork" and poisoned is not None:
+            elif isinstance(message, messages.Fork) and poisoned is not None:
                 # Never fork from an unsafe process; keep serving our ranks until they end.
                 for fd in fds:
                     os.close(fd)
-                closing = closing or not _answer(sock, ("poisoned", *poisoned))
-            elif message[0] == "fork":
+                closing = closing or not _answer(sock, poisoned)
+            elif isinstance(message, messages.Fork):
                 ours = (wake_read, wake_write, *kernel_fds)
                 pid, exit_read = _fork_rank(message, fds, sock, children, ours)
                 # The kernel may have given up on this request (a timeout, an interrupt) and
                 # closed its end: then we keep serving the ranks we have until they end.
-                closing = closing or not _answer(sock, ("forked", pid), [exit_read])
+                closing = closing or not _answer(sock, messages.Forked(pid), [exit_read])
                 os.close(exit_read)
 
 
-def _answer(sock: socket.socket, message: tuple[Any, ...], fds: Sequence[int] = ()) -> bool:
+def _answer(sock: socket.socket, message: messages.ToKernel, fds: Sequence[int] = ()) -> bool:
     """Reply to the kernel; False when it has closed its end."""
     try:
-        socket.send_fds(sock, [pickle.dumps(message)], list(fds))
+        messages.send(sock, message, fds)
     except OSError:
         return False
     return True
 
 
-def _preload(modules: list[str]) -> dict[str, Any]:
+def _preload(modules: Iterable[str]) -> dict[str, Any]:
     """Import what the notebook uses; stop at the first module that makes fork unsafe."""
     report: dict[str, Any] = {"skipped": {}}
     for name in modules:
@@ -725,10 +728,10 @@ def _reap(children: dict[int, int]) -> None:
 
 
 def _fork_rank(
-    message: tuple[Any, ...], fds: list[int], sock: socket.socket,
+    message: messages.Fork, fds: list[int], sock: socket.socket,
     children: dict[int, int], ours: tuple[int, ...],
 ) -> tuple[int, int]:
-    _, env, cwd, stacks_path = message
+    env, cwd, stacks_path = message.env, message.cwd, message.stacks_path
     control_fd, out_write, err_write = fds
     exit_read, exit_write = os.pipe()
     template_pid = os.getpid()
