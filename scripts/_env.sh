@@ -15,7 +15,9 @@
 #   RANKS_PYTHON  interpreter the venv is made from (default: python3)
 #   RANKS_WHEELS  a folder of wheels: install from it alone (--no-index), for machines with
 #                 no network, such as the GPU machine (.device/wheels)
-#   RANKS_TORCH   the torch requirement used when torch has to be installed
+#   RANKS_TORCH   what pip installs when torch has to be installed (words: a requirement and
+#                 options, e.g. "torch --index-url https://download.pytorch.org/whl/cpu");
+#                 "none": no torch (ranks does not need it; tests that do skip)
 
 # pip, minus the warnings this workplace's pip configuration prints for every package it looks
 # up (file:// indexes that lack it); pipefail keeps pip's own exit status.
@@ -75,11 +77,15 @@ print("import site; " + "; ".join(f"site.addsitedir({d!r})" for d in site.getsit
     editable=(--no-build-isolation "${editable[@]}")
   fi
 
-  if "$PY" -c 'import torch' 2>/dev/null; then
+  if [ "${RANKS_TORCH:-}" = none ]; then
+    echo "==> no torch (RANKS_TORCH=none)"
+  elif "$PY" -c 'import torch' 2>/dev/null; then
     echo "==> torch $("$PY" -c 'import torch; print(torch.__version__)') is already there"
   else
     echo "==> installing ${RANKS_TORCH:-torch==2.13.0}"
-    "${pip[@]}" "${RANKS_TORCH:-torch==2.13.0}"
+    # Split into words on purpose: RANKS_TORCH may carry pip options, such as an index URL.
+    # shellcheck disable=SC2086
+    "${pip[@]}" ${RANKS_TORCH:-torch==2.13.0}
   fi
   echo "==> installing ranks[$extras]${*:+ and $*}"
   "${pip[@]}" "${editable[@]}" "$@"

@@ -5,9 +5,10 @@
 #
 #   bash scripts/demo.sh [--out executed.ipynb]
 #
-# The environment is .venv-demo in the repository (made on the first run, reused after;
-# $RANKS_DEMO_VENV names another). See scripts/_env.sh for RANKS_PYTHON, RANKS_WHEELS (install
-# offline from a folder of wheels) and RANKS_TORCH.
+# The environment is .venv in the repository, shared with scripts/test.sh (made on the first
+# run, reused after; $RANKS_VENV names another): the demo installs into it only what a
+# notebook needs. See scripts/_env.sh for RANKS_PYTHON, RANKS_WHEELS (install offline from a
+# folder of wheels) and RANKS_TORCH.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PIP_NO_INPUT=1
@@ -15,7 +16,7 @@ export PIP_NO_INPUT=1
 # shellcheck source=scripts/_env.sh
 source scripts/_env.sh
 # numpy: torch warns at import without it.
-ranks_env "${RANKS_DEMO_VENV:-.venv-demo}" notebook nbclient nbformat numpy
+ranks_env "${RANKS_VENV:-.venv}" notebook nbclient nbformat numpy
 
 echo "==> running examples/ddp_demo.ipynb"
 exec "$PY" examples/run_notebook.py examples/ddp_demo.ipynb "$@"

@@ -2,7 +2,8 @@
 
 Every test is followed by a leak check: a rank process (anything running ``ranks._worker``)
 still alive, a child of the test process that no fixture owns, a new thread in the test
-process, or a ``/dev/shm`` segment named like ranks, fails the test that left it (after a
+process, or a ``/dev/shm`` segment named like ranks' or multiprocessing's (``sem.mp-*``,
+``psm_*``) that no process has mapped, fails the test that left it (after a
 short grace for processes that are already on their way out) and is cleaned up. So do files
 of ranks left on disk where nothing may remain: anything of a kernel that exited normally,
 and a World's temporary folder (``tmp-*``) in this process's folder (only a closed World's
@@ -20,6 +21,7 @@ system other than Linux), each module runs once, with that one.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -32,7 +34,7 @@ from pathlib import Path
 import psutil
 import pytest
 from kernel import EXITED_NORMALLY, KERNEL_PIDS, WINDOWS_KERNEL, Kernel, default_kernel
-from processes import made_by_another_session, rank_processes
+from processes import made_by_another_session, rank_processes, shm_segments, unused_shm
 
 LEAK_GRACE = 5.0
 # Identical lines of several ranks are shown once when they come close together: whether
@@ -61,11 +63,6 @@ def _own_template_pid() -> int | None:
     module = sys.modules.get("ranks._template")
     template = getattr(module, "_template", None)
     return None if template is None else int(template.pid)
-
-
-def _shm_segments() -> set[str]:
-    shm = Path("/dev/shm")
-    return {p.name for p in shm.iterdir() if "ranks" in p.name} if shm.exists() else set()
 
 
 def _ranks_files() -> set[Path]:
@@ -114,8 +111,15 @@ def ranks_start_method(request: pytest.FixtureRequest) -> Iterator[str | None]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With RANKS_TEST_KERNEL=windows only the tests that drive a kernel concern Windows:
-    the others run this interpreter, as in the suite's other passes."""
+    """Tests marked ``torch`` skip where torch is not installed (torch is optional: the
+    Python-version passes of scripts/test.sh run without it). With RANKS_TEST_KERNEL=windows
+    only the tests that drive a kernel concern Windows: the others run this interpreter, as
+    in the suite's other passes."""
+    if importlib.util.find_spec("torch") is None:
+        skip = pytest.mark.skip(reason="needs torch, which is not installed here")
+        for item in items:
+            if item.get_closest_marker("torch") is not None:
+                item.add_marker(skip)
     if not WINDOWS_KERNEL:
         return
     in_kernel = [i for i in items if {"kernel", "fresh_kernel"} & set(i.fixturenames)]  # type: ignore[attr-defined]
@@ -126,7 +130,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     threads_before = set(threading.enumerate())
-    shm_before = _shm_segments()
+    shm_before = shm_segments()
     files_before = _ranks_files()
     yield
     if request.node.get_closest_marker("kills_kernel"):
@@ -139,18 +143,25 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     while True:
         ranks_left = rank_processes()
         children = [c for c in _unexpected_children() if c not in ranks_left]
-        if (not ranks_left and not children) or time.monotonic() > deadline:
+        # Only segments no process maps: those of a test session running beside this one
+        # are in use while they exist.
+        new_shm = {
+            s for s in unused_shm(shm_segments() - shm_before) if not made_by_another_session(s)
+        }
+        if (not ranks_left and not children and not new_shm) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     new_threads = [
         t for t in set(threading.enumerate()) - threads_before
         if t.is_alive() and not t.name.startswith(("pytest_timeout", "IPythonHistory"))
     ]
-    new_shm = {s for s in _shm_segments() - shm_before if not made_by_another_session(s)}
     new_files = _ranks_files() - files_before
     for proc in ranks_left + children:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
+    for name in new_shm:
+        with contextlib.suppress(OSError):
+            os.unlink(f"/dev/shm/{name}")
     problems = []
     if ranks_left:
         problems.append(f"rank processes left running: {[p.pid for p in ranks_left]}")

@@ -1,18 +1,16 @@
-"""Small helpers the test modules share: cells that must pass or fail, waiting with a
-deadline, whether a process is gone, and a fake clock for the pure policies.
+"""Small helpers the test modules share: cells that must pass or fail, waiting for a
+condition with a deadline, and a fake clock for the pure policies.
 
-The kernel driver itself is ``kernel.py``; which processes belong to this session,
-``processes.py``.
+The kernel driver itself is ``kernel.py``; processes (which belong to this session,
+whether one is gone, files a process writes) are ``processes.py``'s.
 """
 
 from __future__ import annotations
 
 import textwrap
 import time
-from collections.abc import Callable, Iterable
-from pathlib import Path
+from collections.abc import Callable
 
-import psutil
 from kernel import Cell, Kernel
 
 
@@ -37,35 +35,6 @@ def wait_for(condition: Callable[[], object], seconds: float) -> bool:
             return False
         time.sleep(0.05)
     return True
-
-
-def wait_for_files(paths: Iterable[Path], seconds: float) -> None:
-    """Fail unless every one of ``paths`` exists within ``seconds``."""
-    deadline = time.monotonic() + seconds
-    missing = list(paths)
-    while missing:
-        assert time.monotonic() < deadline, f"never appeared: {missing}"
-        time.sleep(0.02)
-        missing = [p for p in missing if not p.exists()]
-
-
-def gone(pid: int) -> bool:
-    """Exited (a zombie waiting for its reaper counts as gone: it runs nothing, holds
-    nothing)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def alive_after(pids: Iterable[int], seconds: float) -> list[int]:
-    """Those of ``pids`` still running after up to ``seconds`` (none: returns at once)."""
-    deadline = time.monotonic() + seconds
-    alive = [pid for pid in pids if not gone(pid)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.02)
-        alive = [pid for pid in alive if not gone(pid)]
-    return alive
 
 
 class FakeClock:

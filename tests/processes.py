@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
 
 import psutil
 
@@ -44,6 +47,66 @@ def rank_processes() -> list[psutil.Process]:
             if "ranks._template" in parent_cmdline or proc.info["ppid"] == 1:
                 found.append(proc)
     return found
+
+
+# What multiprocessing names the segments it creates in /dev/shm: named semaphores (Lock,
+# Semaphore, a spawn Pool's queues) and shared_memory.SharedMemory blocks.
+MULTIPROCESSING_SHM = ("sem.mp-", "psm_")
+
+
+def shm_segments() -> set[str]:
+    """``/dev/shm`` entries that ranks or multiprocessing name."""
+    shm = Path("/dev/shm")
+    if not shm.exists():
+        return set()
+    return {
+        p.name for p in shm.iterdir()
+        if "ranks" in p.name or p.name.startswith(MULTIPROCESSING_SHM)
+    }
+
+
+def unused_shm(names: set[str]) -> set[str]:
+    """Those of ``names`` that still exist and that no process has mapped: left behind,
+    not in use by a process still running (another test session's, on a shared machine)."""
+    left = {name for name in names if os.path.exists(f"/dev/shm/{name}")}
+    if not left:
+        return left
+    for proc in psutil.process_iter():
+        try:
+            with open(f"/proc/{proc.pid}/maps") as maps:
+                mapped = maps.read()
+        except OSError:
+            continue
+        left = {name for name in left if f"/dev/shm/{name}" not in mapped}
+        if not left:
+            break
+    return left
+
+
+def wait_for_files(paths: Iterable[Path], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    missing = list(paths)
+    while missing:
+        assert time.monotonic() < deadline, f"never appeared: {missing}"
+        time.sleep(0.02)
+        missing = [p for p in missing if not p.exists()]
+
+
+def gone_within(pids: Iterable[int], seconds: float) -> list[int]:
+    """The pids still alive after ``seconds`` (a zombie counts as dead)."""
+    deadline = time.monotonic() + seconds
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [pid for pid in alive if is_alive(pid)]
+    return alive
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def made_by_another_session(name: str) -> bool:

@@ -297,6 +297,7 @@ def destroyed_markers(folder: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.torch
 @pytest.mark.timeout(60)
 def test_torch_dist_all_reduce_on_gloo(nb: Kernel, tmp_path: Path) -> None:
     cell(nb, WATCH_DESTROY + f"""
@@ -317,6 +318,7 @@ def test_torch_dist_all_reduce_on_gloo(nb: Kernel, tmp_path: Path) -> None:
     assert destroyed_markers(tmp_path) == {"destroyed-0": "True False", "destroyed-1": "True False"}
 
 
+@pytest.mark.torch
 @pytest.mark.timeout(60)
 def test_tutorial_code_that_initialises_the_group_itself(nb: Kernel, tmp_path: Path) -> None:
     cell(nb, WATCH_DESTROY + f"""
@@ -336,6 +338,7 @@ def test_tutorial_code_that_initialises_the_group_itself(nb: Kernel, tmp_path: P
     assert nb.value("torch.distributed.is_initialized()") is False
 
 
+@pytest.mark.torch
 @pytest.mark.timeout(90)
 def test_ddp_training_keeps_replicas_identical(nb: Kernel) -> None:
     cell(nb, """

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import alive_after, wait_for_files
 from kernel import Kernel
+from processes import gone_within, wait_for_files
 
 # The ranks' code for the interrupt tests: each rank writes its pid, says it started, and
 # sleeps; what ran of its cleanup is left as marker files in the kernel's folder.
@@ -38,8 +38,6 @@ def work(ignore_interrupt):
 """
 
 
-
-
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("ignore_interrupt", [False, True], ids=["cooperative", "ignores-sigint"])
 def test_interrupt_stops_ranks(fresh_kernel: Kernel, ignore_interrupt: bool) -> None:
@@ -56,7 +54,7 @@ def test_interrupt_stops_ranks(fresh_kernel: Kernel, ignore_interrupt: bool) -> 
     assert seconds < 5.0, f"the cell took {seconds:.1f} s to end after the interrupt"
     assert "[rank 0] working" in cell.stdout and "[rank 1] working" in cell.stdout
     pids = [int((folder / f"pid-{rank}").read_text()) for rank in (0, 1)]
-    assert alive_after(pids, 2.0) == []
+    assert gone_within(pids, 2.0) == []
     for rank in (0, 1):
         ran = {name for name in ("interrupted", "finally") if (folder / f"{name}-{rank}").exists()}
         # SIG_IGN: nothing ran (SIGTERM ended it); otherwise the rank's own cleanup ran.
@@ -92,7 +90,7 @@ def work():
     descendants = [p.pid for p in psutil.Process(k.pid).children(recursive=True)]
     assert set(pids) <= set(descendants), (pids, descendants)  # the template is in there too
     os.kill(k.pid, signal.SIGKILL)
-    assert alive_after(descendants, 2.5) == [], "outlived the kernel"
+    assert gone_within(descendants, 2.5) == [], "outlived the kernel"
 
 
 @pytest.mark.timeout(120)

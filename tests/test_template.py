@@ -35,8 +35,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import cell, gone, wait_for
+from helpers import cell, wait_for
 from kernel import KERNEL_PIDS, Kernel
+from processes import is_alive
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -97,7 +98,7 @@ def test_template_is_a_fresh_interpreter_and_ranks_are_its_children(kernel: Kern
     # Every rank was forked from the template, none from the kernel.
     assert {parent for _, parent in ranks_and_parents} == {template.pid}
     # The template outlives the call; the ranks do not.
-    assert wait_for(lambda: all(gone(pid) for pid, _ in ranks_and_parents), 5.0)
+    assert wait_for(lambda: all(not is_alive(pid) for pid, _ in ranks_and_parents), 5.0)
     assert not template.children()
 
 
@@ -291,14 +292,14 @@ def test_template_and_ranks_die_with_a_killed_kernel(fresh_kernel: Kernel) -> No
     kernel_pid = fresh_kernel.pid
     killed = time.monotonic()
     os.kill(kernel_pid, signal.SIGKILL)
-    followed = wait_for(lambda: all(gone(pid) for pid in [template.pid, *rank_pids]),
+    followed = wait_for(lambda: all(not is_alive(pid) for pid in [template.pid, *rank_pids]),
                         DEATH_DEADLINE)
     took = time.monotonic() - killed
     fresh_kernel.client.stop_channels()
     fresh_kernel.manager.shutdown_kernel(now=True)  # reaps the killed kernel
     KERNEL_PIDS.discard(kernel_pid)
     assert followed, (f"still running {DEATH_DEADLINE} s after the kernel was killed: "
-                      f"{[p for p in [template.pid, *rank_pids] if not gone(p)]}")
+                      f"{[p for p in [template.pid, *rank_pids] if is_alive(p)]}")
     assert took < DEATH_DEADLINE
 
 
@@ -306,8 +307,8 @@ def test_template_and_ranks_die_with_a_killed_kernel(fresh_kernel: Kernel) -> No
 def test_kernel_shutdown_leaves_nothing(fresh_kernel: Kernel) -> None:
     template, rank_pids = _open_world(fresh_kernel)  # the World is left open on purpose
     fresh_kernel.shutdown()
-    assert wait_for(lambda: all(gone(pid) for pid in [template.pid, *rank_pids]), 5.0), (
-        f"left running after shutdown: {[p for p in [template.pid, *rank_pids] if not gone(p)]}")
+    assert wait_for(lambda: all(not is_alive(pid) for pid in [template.pid, *rank_pids]), 5.0), (
+        f"left running after shutdown: {[p for p in [template.pid, *rank_pids] if is_alive(p)]}")
 
 
 @pytest.mark.timeout(90)
@@ -332,7 +333,7 @@ def test_template_started_from_a_thread_outlives_the_thread(fresh_kernel: Kernel
     assert fresh_kernel.value("w_parent") == [template.pid]
     time.sleep(0.5)
     assert fresh_kernel.value("w.run(os.getppid)") == [template.pid]
-    assert not gone(template.pid)
+    assert is_alive(template.pid)
     cell(fresh_kernel, "w.close()")
 
 
@@ -638,13 +639,13 @@ def test_item4_a_template_killed_from_outside_is_replaced(fresh_kernel: Kernel) 
     cell(fresh_kernel, "import os, ranks")
     first = the_template_after_a_call(fresh_kernel)
     os.kill(first, signal.SIGKILL)
-    assert wait_for(lambda: gone(first), 5.0)
+    assert wait_for(lambda: not is_alive(first), 5.0)
     parents = kernel_value_of_parents(fresh_kernel)
     second = the_template(fresh_kernel.pid).pid
     assert second != first and parents == [second, second]
     # And again: a second kill is no more fatal than the first.
     os.kill(second, signal.SIGKILL)
-    assert wait_for(lambda: gone(second), 5.0)
+    assert wait_for(lambda: not is_alive(second), 5.0)
     parents = kernel_value_of_parents(fresh_kernel)
     third = the_template(fresh_kernel.pid).pid
     assert third not in (first, second) and parents == [third, third]
@@ -706,7 +707,7 @@ def test_item10_a_variable_read_at_import_restarts_the_template_in_the_backgroun
     """)
     # Spawned (by the kernel), not forked from the old template nor from a new one waited for.
     assert [tuple(r) for r in fresh_kernel.value("first")] == [("1", fresh_kernel.pid)] * 2
-    assert wait_for(lambda: gone(old), EXIT_DEADLINE)
+    assert wait_for(lambda: not is_alive(old), EXIT_DEADLINE)
     new = forked_from_a_new_template(fresh_kernel, old)
     assert the_template(fresh_kernel.pid).pid == new
 

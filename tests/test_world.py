@@ -163,6 +163,7 @@ def test_context_manager_and_refused_arguments(nb: Kernel) -> None:
     assert closed.error["ename"] == "RanksError" and "closed" in closed.error["evalue"]
 
 
+@pytest.mark.torch
 @pytest.mark.timeout(90)
 def test_torch_dist_group_made_once_and_kept_across_calls(nb: Kernel) -> None:
     run(nb, """
@@ -414,6 +415,7 @@ def test_timeout_stops_the_cell_and_keeps_the_world(magic: Kernel) -> None:
     assert sorted(after.stdout.splitlines()) == ["[rank 0] state", "[rank 1] state"]
 
 
+@pytest.mark.torch
 @pytest.mark.timeout(60)
 def test_torch_dist_magic_keeps_the_group(nb: Kernel) -> None:
     run(nb, "%ranks start -n 2 --torch-dist", timeout=60)

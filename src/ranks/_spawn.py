@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from . import _protocol
+from ._descendants import end_processes
 from ._placement import RankSpec
 
 if TYPE_CHECKING:
@@ -139,7 +140,18 @@ class RankProcess:
             _protocol.send(self.conn, message)
 
     def signal_tree(self, signum: int) -> None:
-        """Signal the rank's whole process group (its children too); gone is fine."""
+        """Signal the rank's whole process group (its children too); gone is fine.
+
+        What left the group below the rank (a daemon in a session of its own) is killed
+        too, while the rank lives: once it is gone, that is no longer below it. KILL spares
+        multiprocessing's resource tracker, which cleans up once the rest is gone. See
+        ``_descendants``.
+        """
+        below = [] if self.ended() else [self.pid]
+        if signum == KILL:
+            end_processes(below=below, groups=[self.pid])
+            return
+        end_processes(below=below, outside_group=self.pid)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signum)
 

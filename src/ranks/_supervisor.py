@@ -55,6 +55,7 @@ from multiprocessing.connection import wait
 
 from . import _attribution, _notebook, _protocol, _runtime_dir
 from ._attribution import Outcome
+from ._descendants import TRACKER_WAIT, end_processes
 from ._errors import RankCrashed, RanksTimeout
 from ._escalation import (
     FAILURE_INTERRUPT_GRACE,
@@ -215,6 +216,9 @@ class Supervisor:
                     for stream in list(proc.output):
                         self._read_output(proc, stream)
                     proc.release()
+                # The resource trackers our KILL spared: they remove the segments the ranks'
+                # multiprocessing objects left in /dev/shm, now that the ranks are gone.
+                end_processes(groups=list(self.pids.values()), tracker_wait=TRACKER_WAIT)
                 self.router.end_call()
                 self.router.close()  # out of fds (EMFILE) a log may fail to open here
             finally:

@@ -63,6 +63,7 @@ from typing import Any
 from . import _runtime_dir
 from . import _template_protocol as messages
 from ._backoff import Backoff
+from ._descendants import adopt_orphans, end_processes
 from ._errors import TEMPLATE_ENDED
 from ._lifeline import watch_parent
 from ._notebook import kernel_environment
@@ -610,6 +611,8 @@ def serve(argv: list[str]) -> None:
     from . import _rank_pdb, _worker  # noqa: F401
     sock = socket.socket(fileno=int(argv[0]))
     kernel_gone = watch_parent(int(argv[1]))
+    # What a rank started and left behind when it died comes to us, to be ended.
+    adopt_orphans()
     kernel_fds = [] if kernel_gone is None else [kernel_gone]
     children: dict[int, int] = {}  # pid -> write end of its exit pipe
     wake_read, wake_write = os.pipe()
@@ -618,15 +621,20 @@ def serve(argv: list[str]) -> None:
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # only to wake select
     ready_sent = False
     closing = False
+    leftovers = False  # a rank ended: what it left came to us, to be ended once we are idle
     poisoned: messages.Poisoned | None = None  # once forking became unsafe
     while not (closing and not children):
         watched: list[int | socket.socket] = [wake_read, *kernel_fds, *([] if closing else [sock])]
-        readable, _, _ = select.select(watched, [], [])
+        readable, _, _ = select.select(watched, [], [], SWEEP_DELAY if leftovers else None)
         if kernel_gone in readable:
+            _end_leftovers(children)
             os._exit(0)  # the kernel died: our ranks' watchers see us go and take them down
+        if not readable:
+            _end_leftovers(children)
+            leftovers = False
         if wake_read in readable:
             os.read(wake_read, 4096)
-            _reap(children)
+            leftovers = _reap(children) or leftovers
         if sock in readable:
             try:
                 message, fds = messages.recv(sock)
@@ -661,6 +669,8 @@ def serve(argv: list[str]) -> None:
                 # closed its end: then we keep serving the ranks we have until they end.
                 closing = closing or not _answer(sock, messages.Forked(pid), [exit_read])
                 os.close(exit_read)
+    if leftovers:
+        _end_leftovers(children)
 
 
 def _answer(sock: socket.socket, message: messages.ToKernel, fds: Sequence[int] = ()) -> bool:
@@ -712,19 +722,36 @@ def _probe_fork() -> str | None:
     return None if code == 0 else f"a forked probe saw CUDA state (exit code {code})"
 
 
-def _reap(children: dict[int, int]) -> None:
-    while children:
+def _reap(children: dict[int, int]) -> bool:
+    """Collect our children that ended and report a rank's wait status to the kernel; True
+    if a rank ended."""
+    rank_ended = False
+    while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            break
         if pid == 0:
-            return
-        exit_write = children.pop(pid, None)
+            break
+        exit_write = children.pop(pid, None)  # None: something a rank left, now ended
         if exit_write is not None:
+            rank_ended = True
             with contextlib.suppress(OSError):
                 os.write(exit_write, struct.pack("i", status))
             os.close(exit_write)
+    return rank_ended
+
+
+# Looking for what ranks left waits until no rank has ended for this long: ranks of one
+# call end together, and each must be reported without waiting for a look at /proc.
+SWEEP_DELAY = 0.05
+
+
+def _end_leftovers(children: dict[int, int]) -> None:
+    """End what ranks that ended left behind: re-parented to us, the subreaper (see
+    ``_descendants``). Resource trackers are spared: they clean up and exit once the rest
+    is gone."""
+    end_processes(below=[os.getpid()], spare=children.keys())
 
 
 def _fork_rank(
@@ -749,7 +776,7 @@ def _fork_rank(
             _become_rank(env, cwd, out_write, err_write)
             from ._worker import main
 
-            main([str(control_fd), str(template_pid), stacks_path])
+            main([str(control_fd), str(template_pid), stacks_path], parent_adopts=True)
         except BaseException:
             traceback.print_exc()
         finally:

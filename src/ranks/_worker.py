@@ -10,14 +10,17 @@ The main thread runs the user's code, so KeyboardInterrupt (the kernel forwardin
 interrupt as SIGINT) lands where the user expects it; the SIGINT handler also tells the
 kernel it was reached (Interrupted), so a rank stuck in C code is told apart. A control
 thread owns the channel: it queues commands for the main thread, sends those receipts, and
-when the channel closes because the kernel died, kills the rank's whole process group
-(DataLoader workers included). Independent of both threads, a watcher process forked first
-kills the group when the rank's parent dies (``_lifeline``) or the rank itself dies.
+when the channel closes because the kernel died, ends the rank's whole tree (DataLoader
+workers included). Independent of both threads, a watcher process forked first ends the
+tree when the rank's parent dies (``_lifeline``), and the group when the rank itself dies.
+On Linux the rank is the subreaper of what it starts, so a daemon that left its group is
+still in its tree; multiprocessing's resource tracker goes last (``_descendants``).
 
 On the portable start (Windows, macOS; see ``_portable``) the rank connects back instead of
 inheriting its channel, the control thread also takes Interrupt (raising SIGINT in the
-main thread) and DumpStacks, and there is no watcher process: a thread follows the kernel
-on POSIX, the rank's job object on Windows.
+main thread) and DumpStacks, and the kernel is followed by a thread on POSIX (the watcher,
+Linux only there, just ends the group once the rank is gone), by the rank's job object on
+Windows.
 
 fds 1 and 2 are pipes to the kernel, set up by the launcher; C's stdout is line-buffered
 here (unbuffered on Windows) so output streams live.
@@ -47,6 +50,7 @@ from types import TracebackType
 from typing import Any, NoReturn, TextIO
 
 from . import _context, _dataplane, _namespace, _protocol, _runtime_dir, _serialize
+from ._descendants import TRACKER_WAIT, adopt_orphans, end_processes
 from ._lifeline import die_with_parent, watch_parent
 from ._protocol import (
     Call,
@@ -64,14 +68,19 @@ from ._protocol import (
 )
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str], parent_adopts: bool = False) -> None:
     """``argv``: the control socket's fd (or ``portable``), the parent's pid, the file for
-    stack dumps."""
-    global _output_marks, _stacks_file
+    stack dumps. ``parent_adopts``: the parent (the template) ends what the rank leaves
+    behind when it exits."""
+    global _output_marks, _stacks_file, _parent_adopts
+    _parent_adopts = parent_adopts
     parent_pid, stacks_path = int(argv[1]), argv[2]
     sys.argv = ["-c"]  # what user code sees: ours are not its arguments (as `python -c`)
+    adopt_orphans()  # a daemon the user's code starts stays below the rank (_descendants)
     if argv[0] == "portable":
-        # As on Windows: connected back over loopback; no pidfd, no watcher (_portable).
+        # As on Windows: connected back over loopback, no pidfd (_portable). On Linux a
+        # watcher still ends the rank's group once the rank is gone.
+        _guard_descendants(None)  # before any thread starts: it forks
         from ._portable import CALL_MARK, REPLY_MARK, connect_back, output_mark
 
         conn, token = connect_back()
@@ -114,7 +123,7 @@ def main(argv: list[str]) -> None:
         failure = _failure(None, error, during, skip=0)
         _flush_all()
         _protocol.send(conn, failure)
-        os._exit(1)
+        _leave(1)
     # Before Ready: from then on the kernel may send SIGINT at any moment (a peer failed,
     # the kernel was interrupted), and Python's default handler would kill a rank that is
     # not yet in _serve with a KeyboardInterrupt traceback.
@@ -137,8 +146,18 @@ def main(argv: list[str]) -> None:
 def _leave(status: int) -> NoReturn:
     """End the rank with ``os._exit``: interpreter teardown is skipped, as threads of
     libraries (NCCL, Gloo) can hang it. atexit handlers do not run then, so what the rank
-    wrote to disk itself (the logs of a ``ranks.run`` it made) is removed here."""
+    wrote to disk itself (the logs of a ``ranks.run`` it made) is removed here.
+
+    Before it, what the rank started, but the watcher (which ends the rest once the rank is
+    gone) and multiprocessing's resource tracker (which cleans up once the rank is gone: see
+    _descendants). A parent that adopts what we leave (the template, a subreaper) ends all
+    that itself, off the path of the kernel's wait for our exit."""
     _runtime_dir.remove_process_dir()
+    if _parent_adopts or not end_processes(below=[os.getpid()], spare=_watcher):
+        # Then the watcher has nothing to do once we are gone.
+        for watcher in _watcher:
+            with contextlib.suppress(OSError):
+                os.kill(watcher, signal.SIGKILL)
     os._exit(status)
 
 
@@ -162,21 +181,28 @@ def _install_debugger(conn: Connection) -> None:
 
 
 def _guard_descendants(parent_pidfd: int | None) -> None:
-    """Fork a watcher that kills the rank's process group when the rank or its parent dies.
+    """Fork a watcher that ends the rank's tree and group when the rank or its parent dies.
 
-    The watcher is a single-threaded child of the rank, in its process group, holding none
-    of its fds but the parent's pidfd. It needs no GIL of the rank's, so it acts even while
-    the rank's threads are stuck: when the kernel (or the template) dies it kills the whole
-    group, rank included; when the rank dies first (its parent-death signal to the watcher),
-    the rank's children go too (a DataLoader worker, a `sleep` the user started), which
-    would otherwise be orphaned.
+    The watcher is a single-threaded child of the rank, in a process group of its own (so
+    that the rank's group is empty once the rank is gone), holding none of its fds but the
+    parent's pidfd. It needs no GIL of the rank's, so it acts even while the rank's threads
+    are stuck: when the kernel (or the template) dies it ends everything below the rank
+    (daemons that left the group too), then the rank, then the group; when the rank dies
+    first (its parent-death signal to the watcher), the rest of the group goes too (a
+    DataLoader worker, a `sleep` the user started), which would otherwise be orphaned.
+    Either way multiprocessing's resource tracker goes last (_descendants).
     """
+    global _watcher
     if not sys.platform.startswith("linux"):
         return
     rank_pid = os.getpid()
-    if os.fork() != 0:
+    watcher = os.fork()
+    if watcher != 0:
+        _watcher = (watcher,)
         return
     try:
+        rank_group = os.getpgrp()
+        os.setpgid(0, 0)
         # Never keep a pipe to the kernel open: only the parent's pidfd stays.
         limit = os.sysconf("SC_OPEN_MAX")
         if parent_pidfd is None:
@@ -185,16 +211,27 @@ def _guard_descendants(parent_pidfd: int | None) -> None:
             os.closerange(0, parent_pidfd)
             os.closerange(parent_pidfd + 1, limit)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGHUP, lambda signum, frame: os.killpg(0, signal.SIGKILL))
+        signal.signal(
+            signal.SIGHUP, lambda signum, frame: _end_rank(rank_pid, rank_group, alive=False))
         die_with_parent(signal.SIGHUP)  # the rank: the watcher's only parent thread
         if os.getppid() == rank_pid:
             if parent_pidfd is None:
                 while True:
                     signal.pause()
             select.select([parent_pidfd], [], [])  # returns when the parent has exited
-        os.killpg(0, signal.SIGKILL)  # the rank's parent, or the rank, died
+        # The rank's parent died.
+        _end_rank(rank_pid, rank_group, alive=os.getppid() == rank_pid)
     finally:
         os._exit(0)
+
+
+def _end_rank(rank_pid: int, rank_group: int, alive: bool) -> NoReturn:
+    """The watcher's last act: the rank's tree (while the rank lives, everything it started
+    is below it), the rank, its group; resource trackers get time to clean up."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the rank's death, if we end it here
+    end_processes(below=[rank_pid] if alive else [], groups=[rank_group],
+                  tracker_wait=TRACKER_WAIT)
+    os._exit(0)
 
 
 def _line_buffer_c_stdio() -> None:
@@ -333,10 +370,10 @@ PARENT_POLL = 0.25
 
 def _end_with_kernel() -> NoReturn:
     """The kernel is gone (killed, restarted): take the rank's whole tree down, children
-    the user's code started included. (On Windows the rank's job object does that.)"""
+    the user's code started included, resource trackers once the rank is gone (they
+    clean up then). On Windows the rank's job object does that."""
     _runtime_dir.remove_process_dir()
-    if hasattr(os, "killpg"):
-        os.killpg(os.getpgrp(), signal.SIGKILL)
+    end_processes(below=[os.getpid()], groups=[os.getpgrp()], spare=_watcher)
     os._exit(1)
 
 
@@ -387,6 +424,8 @@ _interrupt_held: bool | None = None
 _interrupt_taken: tuple[socket.socket, socket.socket]
 # Set by main() for the portable start only: see _flush_all.
 _output_marks: tuple[bytes, bytes] | None = None
+_watcher: tuple[int, ...] = ()  # the watcher process's pid, where there is one
+_parent_adopts = False  # set by main()
 _stacks_file: TextIO
 # The World's folders for big buffers in results (None: they go through the socket).
 _folders: _dataplane.Folders | None = None
