@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from . import _protocol
 from ._descendants import end_processes
+from ._os import current
 from ._placement import RankSpec
 
 if TYPE_CHECKING:
@@ -49,8 +50,7 @@ BOOT = (
 )
 
 
-# Where a system has no SIGKILL (Windows), SIGTERM's stand-in ends a process just as hard.
-KILL = getattr(signal, "SIGKILL", signal.SIGTERM)
+KILL = current.KILL  # SIGKILL, or on Windows SIGTERM's stand-in, which ends as hard
 
 
 class OutputPipe:

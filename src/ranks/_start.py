@@ -7,7 +7,7 @@
                over loopback (``_portable``)
 
 ``RANKS_START_METHOD`` chooses another where the system allows it (portable: all of them;
-spawn: POSIX). macOS takes the portable start although spawn would work there: spawn
+spawn: POSIX; see ``_os``). macOS takes the portable start although spawn would work there: spawn
 without Linux's pidfd and watcher process runs nowhere in the test suite, while the
 portable start runs in it on Linux and on Windows.
 
@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-import sys
 from collections.abc import Callable, Mapping, Sequence
 
+from ._os import current
 from ._placement import RankSpec
 from ._spawn import RankProcess
 
@@ -37,18 +36,14 @@ Request = tuple[RankSpec, Mapping[str, str], str, str]
 
 def start_method() -> str:
     """``"template"``, ``"spawn"`` or ``"portable"``: see the module's docstring."""
-    default = "template" if _can_fork() else "portable"
+    default = "template" if current.TEMPLATE else "portable"
     chosen = os.environ.get(START_METHOD_VARIABLE, "").strip().lower()
-    if chosen == "portable" or (chosen == "spawn" and os.name == "posix"):
+    if chosen == "portable" or (chosen == "spawn" and current.SPAWN):
         return chosen
     if chosen and chosen != "template":
         log.warning("%s=%r is not 'template', 'spawn' or 'portable'; using the default",
                     START_METHOD_VARIABLE, chosen)
     return default
-
-
-def _can_fork() -> bool:
-    return sys.platform.startswith("linux") and hasattr(socket, "send_fds")
 
 
 def launch_ranks(

@@ -52,6 +52,7 @@ from typing import Any, NoReturn, TextIO
 from . import _context, _dataplane, _namespace, _protocol, _runtime_dir, _serialize
 from ._descendants import TRACKER_WAIT, adopt_orphans, end_processes
 from ._lifeline import die_with_parent, watch_parent
+from ._os import current
 from ._protocol import (
     Call,
     CallKind,
@@ -235,24 +236,12 @@ def _end_rank(rank_pid: int, rank_group: int, alive: bool) -> NoReturn:
 
 
 def _line_buffer_c_stdio() -> None:
-    """Make C's stdout stream: on a pipe it would hold output back until exit.
-
-    Linux: line-buffered. Windows: unbuffered, as its C runtime has no line buffering
-    (_IOLBF means full buffering there); native code writes there seldom.
-    """
+    """Make C's stdout stream: on a pipe it would hold output back until exit (line
+    buffering on Linux, none on Windows: ``_os``)."""
     c_runtime = _c_runtime()
-    try:
-        if c_runtime is None:
-            return
-        if sys.platform.startswith("linux"):
-            c_stdout = ctypes.c_void_p.in_dll(c_runtime, "stdout")
-            c_runtime.setvbuf(c_stdout, None, 1, 0)  # _IOLBF
-        elif sys.platform == "win32":
-            c_runtime.__acrt_iob_func.restype = ctypes.c_void_p
-            c_stdout = ctypes.c_void_p(c_runtime.__acrt_iob_func(1))
-            c_runtime.setvbuf(c_stdout, None, 4, 0)  # _IONBF
-    except (OSError, ValueError, AttributeError):
-        pass
+    if c_runtime is not None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            current.stream_c_stdout(c_runtime)
 
 
 @functools.cache
@@ -260,10 +249,7 @@ def _c_runtime() -> ctypes.CDLL | None:
     """The C library whose stdio the rank's native code uses, or None. Loaded once: it is
     flushed before every reply."""
     with contextlib.suppress(OSError):
-        if os.name == "posix":
-            return ctypes.CDLL(None)
-        if sys.platform == "win32":
-            return ctypes.CDLL("ucrtbase")
+        return current.c_runtime()
     return None
 
 

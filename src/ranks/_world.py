@@ -36,6 +36,7 @@ from . import _backends, _dataplane, _frameworks, _namespace, _notebook, _serial
 from ._backends import Backend, Rendezvous
 from ._dataplane import Folders
 from ._errors import RanksError, RanksTimeout, WorldBroken, add_note
+from ._os import current
 from ._placement import RankSpec, gpu_memory_by_pid, plan_ranks, visible_gpus
 from ._protocol import CallKind, Done, Init
 from ._report import build_error, raising_rank
@@ -464,9 +465,6 @@ def _close_backend(lock: threading.RLock, backend: Backend, folders: Folders | N
             folders.remove()  # results the kernel still holds stay mapped
 
 
-MAX_RANKS_WAITED = 15  # Windows before Python 3.13: see _check_world
-
-
 def _check_world(
     n: int | None, gpus: Sequence[int] | None, torch_dist: bool,
     env: Mapping[str, str] | None, backend: str,
@@ -476,11 +474,10 @@ def _check_world(
         raise TypeError(f"torch_dist must be True or False, not {torch_dist!r}")
     extra = _check_env(env)
     specs = plan_ranks(n, gpus, visible_gpus())
-    if sys.platform == "win32" and sys.version_info < (3, 13) and len(specs) > MAX_RANKS_WAITED:
-        # Each rank is four objects to wait on, and before 3.13 multiprocessing's wait()
-        # hands them to one WaitForMultipleObjects call, which takes at most 63.
+    most = current.MAX_RANKS_WAITED  # Windows before Python 3.13: see _os.windows
+    if most is not None and len(specs) > most:
         raise RanksError(f"{len(specs)} ranks on Windows need Python 3.13 or newer; this"
-                         f" Python waits on at most {MAX_RANKS_WAITED} ranks")
+                         f" Python waits on at most {most} ranks")
     return specs, extra
 
 
@@ -564,11 +561,8 @@ def _rank_environments(
     if meet.socket_ifname is not None:  # where Gloo and NCCL listen, unless the user says
         base.setdefault("GLOO_SOCKET_IFNAME", meet.socket_ifname)
         base.setdefault("NCCL_SOCKET_IFNAME", meet.socket_ifname)
-    if sys.platform == "win32":
-        # torch's Windows builds have no libuv, yet their TCPStore asks for it by default:
-        # code that calls init_process_group() itself (env://) fails without this
-        # (pytorch/pytorch#139990).
-        base.setdefault("USE_LIBUV", "0")
+    for name, value in current.RANK_ENVIRONMENT.items():  # USE_LIBUV=0 on Windows (_os)
+        base.setdefault(name, value)
     frameworks = _frameworks.environments(specs, meet.address, free_port)
     envs = {}
     for spec in specs:

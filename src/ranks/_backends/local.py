@@ -11,10 +11,10 @@ the World's private folder for ``torch_dist=True``, so its rendezvous opens no T
 from __future__ import annotations
 
 import socket
-import sys
 from typing import TYPE_CHECKING
 
 from .. import _backends
+from .._os import current
 from .._placement import RankSpec
 from .._supervisor import Supervisor
 from . import Rendezvous
@@ -33,7 +33,7 @@ class Backend(Supervisor):
             self.close()
             raise
         # One host: Gloo's and NCCL's sockets stay on loopback unless the user says.
-        ifname = "lo" if sys.platform.startswith("linux") else None
+        ifname = current.LOOPBACK_IFNAME
         self._rendezvous = Rendezvous(LOOPBACK, port, self.rendezvous_path, ifname)
 
     @property
