@@ -191,8 +191,8 @@ def raise_on_rank_1(cls, *args):
     return my_rank()
 """
 
-OUR_MACHINERY = ("_worker.py", "_supervisor.py", "_template.py", "_spawn.py", "_portable.py",
-                 "_report.py")
+OUR_MACHINERY = ("_worker.py", "_rank_call.py", "_supervisor.py", "_template.py", "_spawn.py",
+                 "_portable.py", "_report.py")
 
 
 @pytest.fixture(scope="module")
