@@ -1,5 +1,6 @@
 """Small helpers the test modules share: cells that must pass or fail, waiting for a
-condition with a deadline, and a fake clock for the pure policies.
+condition with a deadline, a fake clock for the pure policies, and the environment a
+World of the local backend gives its ranks.
 
 The kernel driver itself is ``kernel.py``; processes (which belong to this session,
 whether one is gone, files a process writes) are ``processes.py``'s.
@@ -9,9 +10,14 @@ from __future__ import annotations
 
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from kernel import Cell, Kernel
+
+from ranks._backends import Rendezvous
+from ranks._backends.local import LOOPBACK, free_port
+from ranks._placement import RankSpec
+from ranks._world import _rank_environments
 
 
 def cell(kernel: Kernel, code: str, timeout: float = 60.0) -> Cell:
@@ -48,3 +54,12 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def local_environments(
+    specs: list[RankSpec], extra: Mapping[str, str]
+) -> dict[int, dict[str, str]]:
+    """Each rank's environment, as a World of the local backend gives it (no process
+    starts)."""
+    meet = Rendezvous(LOOPBACK, free_port(), "unused-store", None)
+    return _rank_environments(specs, extra, meet, free_port)

@@ -69,30 +69,15 @@ def main(argv: list[str], parent_adopts: bool = False) -> None:
     """``argv``: the control socket's fd (or ``portable``), the parent's pid, the file for
     stack dumps. ``parent_adopts``: the parent (the template) ends what the rank leaves
     behind when it exits."""
-    global _output_marks, _stacks_file, _parent_adopts
+    global _stacks_file, _parent_adopts
     _parent_adopts = parent_adopts
     parent_pid, stacks_path = int(argv[1]), argv[2]
     sys.argv = ["-c"]  # what user code sees: ours are not its arguments (as `python -c`)
     adopt_orphans()  # a daemon the user's code starts stays below the rank (_descendants)
     if argv[0] == "portable":
-        # As on Windows: connected back over loopback, no pidfd (_portable). On Linux a
-        # watcher still ends the rank's group once the rank is gone.
-        _guard_descendants(None)  # before any thread starts: it forks
-        from ._portable import CALL_MARK, REPLY_MARK, connect_back, output_mark
-
-        conn, token = connect_back()
-        _output_marks = (output_mark(token, REPLY_MARK), output_mark(token, CALL_MARK))
-        if os.name == "posix":
-            threading.Thread(target=_follow_parent, args=(parent_pid,), daemon=True,
-                             name="ranks-lifeline").start()
+        conn = _boot_portable(parent_pid)
     else:
-        control_fd = int(argv[0])
-        parent_pidfd = watch_parent(parent_pid)
-        _guard_descendants(parent_pidfd)  # before any thread starts: it forks
-        if parent_pidfd is not None:
-            os.close(parent_pidfd)
-        os.set_inheritable(control_fd, False)  # programs the user starts must not hold it
-        conn = Connection(control_fd)
+        conn = _boot_inherited(int(argv[0]), parent_pid)
     faulthandler.enable(file=2, all_threads=True)  # fd 2: the pipe to the kernel
     # Appending: the kernel empties the file before each dump, and the dump must then start
     # at its beginning, not at the offset the last one ended at.
@@ -141,6 +126,33 @@ def main(argv: list[str], parent_adopts: bool = False) -> None:
     _serve(conn, commands)
     _tear_down()
     _leave(0)
+
+
+def _boot_inherited(control_fd: int, parent_pid: int) -> Connection:
+    """The template and spawn starts: the channel is an inherited fd; a pidfd on the
+    parent, and the watcher process (Linux)."""
+    parent_pidfd = watch_parent(parent_pid)
+    _guard_descendants(parent_pidfd)  # before any thread starts: it forks
+    if parent_pidfd is not None:
+        os.close(parent_pidfd)
+    os.set_inheritable(control_fd, False)  # programs the user starts must not hold it
+    return Connection(control_fd)
+
+
+def _boot_portable(parent_pid: int) -> Connection:
+    """The portable start, as on Windows: connected back over loopback, no pidfd
+    (``_portable``); output marked for the relay. On Linux a watcher still ends the rank's
+    group once the rank is gone; on POSIX a thread follows the kernel."""
+    global _output_marks
+    _guard_descendants(None)  # before any thread starts: it forks
+    from ._portable import CALL_MARK, REPLY_MARK, connect_back, output_mark
+
+    conn, token = connect_back()
+    _output_marks = (output_mark(token, REPLY_MARK), output_mark(token, CALL_MARK))
+    if os.name == "posix":
+        threading.Thread(target=_follow_parent, args=(parent_pid,), daemon=True,
+                         name="ranks-lifeline").start()
+    return conn
 
 
 def _leave(status: int) -> NoReturn:
