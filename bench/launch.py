@@ -251,6 +251,11 @@ def tables(results: dict[str, Timings], ns: list[int]) -> str:
         lines.append(f"| {labels[key]} | "
                      + " | ".join(_cell(timings.cold.get(n)) for n in ns) + " |")
     has_ratio = "ranks" in results and "accelerate" in results
+    if has_ratio:  # the goal: ranks cold within 1.5x of notebook_launcher cold
+        cold = [(results["ranks"].cold.get(n), results["accelerate"].cold.get(n)) for n in ns]
+        lines.append("| ranks / notebook_launcher | " + " | ".join(
+            f"{ours / theirs:.2f}" if isinstance(ours, float) and isinstance(theirs, float)
+            and theirs > 0 else "-" for ours, theirs in cold) + " |")
     lines += ["", "Warm: further launches in the same kernel, median (min) in seconds"
               + (", and ranks / notebook_launcher (median)." if has_ratio else "."), ""]
     header = "| workload | n | " + " | ".join(labels[k] for k in results)

@@ -1,12 +1,13 @@
-"""Round trip of a trivial call on warm ranks: ranks.World beside ipyparallel, 2 of each.
+"""Round trip of a trivial call on warm ranks: ranks.World beside ipyparallel and loky, 2 of each.
 
-    pip install ipyparallel   # not a dependency of ranks: only this comparison needs it
+    pip install ipyparallel loky   # not dependencies of ranks: only this comparison needs them
     python bench/world_roundtrip.py [--calls N] [--markdown FILE]
 
 Both sides are started once and warmed up, then timed call by call, alternately (one call of
 ranks, one of ipyparallel), so that drift of a busy machine hits both alike:
 
-* from Python: ``World.run(lambda: None)`` vs ``rc[:].apply_sync(lambda: None)``, and
+* from Python: ``World.run(lambda: None)`` vs ``rc[:].apply_sync(lambda: None)`` vs two
+  tasks submitted to loky's reusable executor of 2 workers, waited for both; and
   ``World.exec("pass")`` vs ``rc[:].execute("pass", block=True)``;
 * through a real Jupyter kernel, as a user sees it (client sends the cell, until the kernel
   is idle and has replied): ``%%ranks`` with ``pass`` vs ``%px pass``, with a plain ``pass``
@@ -101,6 +102,14 @@ def measure(calls: int) -> dict[str, list[float]]:
         profile_dir = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="ranks-ipp-"))
         client, url_file = cleanup.enter_context(ipp_cluster(profile_dir))
         view = client[:]
+        import loky
+
+        executor = loky.get_reusable_executor(max_workers=2)
+        cleanup.callback(executor.shutdown, wait=True, kill_workers=True)
+        # The first call in a fresh process spawns its ranks while the template starts:
+        # the World measured here is forked from it, as a notebook's later Worlds are.
+        ranks.run(int, n=1)
+        time.sleep(3)
         world = cleanup.enter_context(ranks.World(n=2))
 
         def nothing() -> None:
@@ -110,6 +119,7 @@ def measure(calls: int) -> dict[str, list[float]]:
             calls,
             ranks_run=lambda: world.run(nothing),
             ipp_apply=lambda: view.apply_sync(nothing),
+            loky_submit=lambda: [f.result() for f in [executor.submit(nothing) for _ in "ab"]],
         ))
         results.update(alternate(
             calls,
@@ -139,37 +149,47 @@ def measure(calls: int) -> dict[str, list[float]]:
     return results
 
 
-ROWS = [
-    ("Python: `w.run(lambda: None)` / `rc[:].apply_sync(lambda: None)`",
-     "ranks_run", "ipp_apply"),
+ROWS = [  # (label, ranks, ipyparallel, loky or None)
+    ("Python: `w.run(lambda: None)` / `rc[:].apply_sync(lambda: None)` / 2 loky tasks",
+     "ranks_run", "ipp_apply", "loky_submit"),
     ("Python: `w.exec(\"pass\")` / `rc[:].execute(\"pass\", block=True)`",
-     "ranks_exec", "ipp_execute"),
-    ("Kernel cell: `%%ranks` + `pass` / `%px pass`", "kernel_ranks", "kernel_px"),
+     "ranks_exec", "ipp_execute", None),
+    ("Kernel cell: `%%ranks` + `pass` / `%px pass`", "kernel_ranks", "kernel_px", None),
 ]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} ms"
 
 
 def report(results: dict[str, list[float]], calls: int) -> str:
     import ipyparallel
+    import loky
     import torch
 
     floor_median, floor_p95 = summary(results["kernel_pass"])
     lines = [
         f"Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; torch"
-        f" {torch.__version__}; ipyparallel {ipyparallel.__version__}; Python"
+        f" {torch.__version__}; ipyparallel {ipyparallel.__version__}; loky"
+        f" {loky.__version__}; load average {os.getloadavg()[0]:.1f} at the end; Python"
         f" {platform.python_version()}; {platform.machine()}, {os.cpu_count()} CPU cores,"
         f" no GPU used (CPU ranks); {calls} timed calls each after {WARMUP} warm-up calls,"
-        " ranks and ipyparallel interleaved.",
+        " ranks, ipyparallel and loky interleaved.",
         "",
-        "| call (2 ranks / 2 engines) | ranks median | ranks p95 | ipyparallel median"
-        " | ipyparallel p95 | ipyparallel / ranks (median) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| call (2 ranks / 2 engines / 2 workers) | ranks median | ranks p95"
+        " | ipyparallel median | ipyparallel p95 | loky median | loky p95"
+        " | ipyparallel / ranks | loky / ranks |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for label, ours, theirs in ROWS:
+    for label, ours, theirs, loky_key in ROWS:
         our_median, our_p95 = summary(results[ours])
         their_median, their_p95 = summary(results[theirs])
+        loky_median, loky_p95 = summary(results[loky_key]) if loky_key else (None, None)
         lines.append(
             f"| {label} | {our_median:.3f} ms | {our_p95:.3f} ms | {their_median:.3f} ms"
-            f" | {their_p95:.3f} ms | {their_median / our_median:.1f}x |"
+            f" | {their_p95:.3f} ms | {_ms(loky_median)} | {_ms(loky_p95)}"
+            f" | {their_median / our_median:.1f}x"
+            f" | {'-' if loky_median is None else f'{loky_median / our_median:.1f}x'} |"
         )
     lines += [
         "",

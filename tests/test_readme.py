@@ -30,12 +30,16 @@ DOCUMENTS = [d for d in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"
              if python_blocks(d)]
 
 
-def run_blocks(document: Path, workdir: Path, gpus: bool) -> None:
-    """Run the document's blocks in a fresh kernel; fail on the first that raises."""
+def run_blocks(document: Path, workdir: Path, gpus: bool, only_marked: bool = False) -> None:
+    """Run the document's blocks in a fresh kernel; fail on the first that raises.
+
+    ``only_marked``: just the blocks marked ``# needs GPUs`` (each stands alone), for a
+    machine with one GPU, where the others' ``n=2`` asks for a second GPU."""
     kernel: Kernel = default_kernel(str(workdir))
     try:
         for number, block in enumerate(python_blocks(document), 1):
-            if block.startswith(GPU_MARKER) and not gpus:
+            marked = block.startswith(GPU_MARKER)
+            if (marked and not gpus) or (only_marked and not marked):
                 continue
             cell = kernel.execute(block, timeout=120)
             if cell.error is not None:

@@ -276,6 +276,12 @@ def kill_my_template() -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.skipif(start_method() != "template", reason="only forked ranks have a template")
 def test_item9_rank_whose_template_was_killed_says_so() -> None:
+    # The first call spawns its ranks while the template starts (their parent: this
+    # process, which kill_my_template must not kill): call until they fork.
+    deadline = time.monotonic() + 60
+    while ranks.run(os.getppid, n=1) == [os.getpid()]:
+        assert time.monotonic() < deadline, "no call forked from a template within 60 s"
+        time.sleep(0.2)
     with pytest.raises(ranks.RankCrashed) as caught:
         ranks.run(kill_my_template, n=2)
     message = str(caught.value)

@@ -51,7 +51,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from multiprocessing.connection import wait
 
 from . import _attribution, _notebook, _protocol, _runtime_dir
 from ._attribution import Outcome
@@ -80,9 +79,9 @@ from ._protocol import (
     Interrupted,
     Ready,
 )
-from ._spawn import KILL, OutputStream, RankProcess
+from ._spawn import KILL, OutputStream, RankProcess, ready_among
 from ._stacks import ENDED, ThreadStack, parse_dump, rank_text
-from ._start import launch_ranks
+from ._start import launch_ranks, prestart
 from ._template import settle_closed_templates
 from ._wakeup import InterruptWakeup
 
@@ -182,6 +181,7 @@ class Supervisor:
             # never come, deaf to Close: end them now rather than after CLOSE_GRACE.
             for proc in self._procs.values():
                 proc.signal_tree(KILL)
+            prestart()  # a cause that failed this start (E2BIG, EMFILE) may pass later
             if isinstance(error, TimeoutError) and timeout is not None:
                 raise RanksTimeout(timeout, {}) from None
             raise
@@ -191,6 +191,9 @@ class Supervisor:
                               "starting")
         finally:
             self.router.end_call()
+            # The template, for the starts after this one: only now, so that its imports
+            # do not take the CPU that these ranks needed to start.
+            prestart()
 
     def close(self) -> None:
         """Ask every live rank to exit, escalate for those that do not; release everything."""
@@ -490,7 +493,7 @@ class Supervisor:
         """
         rank = proc.spec.rank
         try:
-            while proc.conn.poll():
+            while ready_among([proc.conn], 0):  # conn.poll(), without its selector
                 message = _protocol.recv(proc.conn)
                 if isinstance(message, (Ready, Done, Failed, DebugPrompt)):
                     self._catch_up_output(proc)
@@ -718,13 +721,13 @@ class _NotAnswered(Exception):
 
 
 def _wait_for(sources: list[object], timeout: float | None) -> list[object]:
-    """``multiprocessing.connection.wait``, where an interrupt only wakes it up.
+    """``ready_among`` (``multiprocessing.connection.wait``), where an interrupt only wakes it up.
 
     On Windows a SIGINT in the main thread makes it raise InterruptedError (POSIX retries
     after the handler ran); our handler has noted the interrupt by then.
     """
     try:
-        return list(wait(sources, timeout))  # type: ignore[arg-type]
+        return ready_among(sources, timeout)
     except InterruptedError:
         return []
 

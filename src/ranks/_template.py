@@ -1,4 +1,5 @@
-"""The warm template: a clean process that has imported torch once and forks ranks from it.
+"""The warm template: a clean process that has imported the kernel's modules once and forks
+ranks from it.
 
 Spawning an interpreter that imports torch costs seconds on every launch; forking the
 kernel is fast but breaks once the kernel touched CUDA. The template is both: it is itself
@@ -16,10 +17,12 @@ request. A rank forked from it starts with torch imported and no CUDA state.
 
 The messages are ``_template_protocol``'s.
 
-One template per kernel, started on first use (never at import), closed at interpreter
-exit. It dies with the kernel (a pidfd on the kernel, else the parent-death signal; and
-EOF on its socket). Linux only: this is the start method ``template``, one of those
-``_start`` chooses from.
+One template per kernel, started at ``%load_ext ranks`` or once the first call's ranks are
+up (``prestart``), never at import, closed at interpreter exit. No call waits for it to
+start: until it is ready, ranks are spawned (``get_template``). It preloads what the kernel
+imported, not what is installed. It dies with the kernel (a pidfd on the kernel, else the
+parent-death signal; and EOF on its socket). Linux only: this is the start method
+``template``, one of those ``_start`` chooses from.
 
 A preload that would initialise CUDA or start a thread is dropped, logged, and the
 template restarted without it: fork is only safe from a single-threaded, CUDA-free process.
@@ -74,7 +77,12 @@ from ._start import Request
 log = logging.getLogger("ranks")
 
 READY_TIMEOUT = 180.0  # importing torch on a cold disk can take a while
-ALWAYS_PRELOAD = ("numpy", "torch", "torch.distributed", "torch.nn", "torch.nn.parallel")
+# What the template imports is what the kernel imported (``_kernel_modules``), never a
+# library merely because it is installed: a notebook without torch gets a template, and
+# ranks, without it. Where the kernel imported torch, these submodules come with it: ranks
+# that use torch mostly call init_process_group and wrap a model in DDP, and importing
+# them costs each spawned rank a further few hundred milliseconds the template pays once.
+TORCH_COMPANIONS = ("torch.distributed", "torch.nn", "torch.nn.parallel")
 # Modules that only make sense in the kernel, or that start threads when imported.
 NEVER_PRELOAD = frozenset({
     "pydevd", "pydevd_plugins", "pydev_ipython", "pydevd_file_utils",
@@ -100,10 +108,8 @@ class Template:
     so Worlds started from several threads share one template safely.
     """
 
-    def __init__(self, denied: Iterable[str] = (), background: bool = False) -> None:
+    def __init__(self, denied: Iterable[str] = ()) -> None:
         self.denied = set(denied)
-        # Started in the background (see get_template): calls spawn rather than wait for it.
-        self.background = background
         self.started = time.monotonic()
         self.report: dict[str, Any] = {}
         self.log_path = _template_log_path()
@@ -162,7 +168,6 @@ class Template:
         for module, why in self.report.get("skipped", {}).items():
             log.info("ranks template: not preloading %s (%s)", module, why)
         self._ready = True
-        self.background = False
 
     def preload(self, modules: Iterable[str]) -> None:
         """Ask the template to import these too, for the ranks forked after this."""
@@ -310,7 +315,9 @@ def _kernel_modules(denied: set[str]) -> list[str]:
                 or module is None or getattr(module, "__file__", None) is None):
             continue
         names.append(name)
-    return [*ALWAYS_PRELOAD, *sorted(names)]
+    if "torch" in names:
+        names.extend(TORCH_COMPANIONS)
+    return sorted(set(names))
 
 
 def _found_again(top: str) -> bool:
@@ -323,7 +330,7 @@ def _found_again(top: str) -> bool:
     """
     kernel_file = getattr(sys.modules.get(top), "__file__", None)
     if kernel_file is None:
-        return True  # not imported in the kernel (ALWAYS_PRELOAD): nothing to mix up
+        return True  # not imported in the kernel (TORCH_COMPANIONS): nothing to mix up
     for finder in sys.meta_path:  # importlib's own search, without the sys.modules cache
         try:
             spec = finder.find_spec(top, None)
@@ -363,7 +370,6 @@ def _stamp(path: str) -> tuple[int, int] | None:
 
 _template: Template | None = None
 _denied: set[str] = set()  # top-level modules found unsafe to preload in this kernel
-_MAX_STARTS = 4
 
 
 class TemplateUnsafe(RuntimeError):
@@ -385,10 +391,11 @@ class TemplateUnavailable(RuntimeError):
 def get_template(deadline: float | None = None) -> Template | None:
     """The kernel's template, ready to fork from; None while a new one starts.
 
-    The first template, and one after the last died, is started now and waited for (it
-    costs about what a spawn would). One that went stale is replaced in the background, and
-    one tried again after failures starts in the background: the caller spawns meanwhile,
-    as the calls before it did, rather than wait for the new one's imports.
+    A call never waits for a template that is not ready: the first one, one after the last
+    died, one that went stale and one tried again after failures all start in the
+    background, and the caller spawns meanwhile (about what one template start costs, where
+    waiting would add the template's imports to it). Calls after it fork once it answered.
+    None without a template: ``prestart`` starts it, after the caller's ranks are up.
     """
     global _template
     if _template is not None and _template.alive:
@@ -397,39 +404,16 @@ def get_template(deadline: float | None = None) -> Template | None:
             # they were when the template imported it; a spawned rank sees them as they are.
             log.info("ranks template: a notebook module or a start-up variable changed;"
                      " starting a new one in the background")
-            close_template()
-            _template = Template(_denied, background=True)
+        elif not _template.answered():
             return None
-        if _template.background:
-            if not _template.answered():
-                return None
+        else:
             _template.wait_ready(deadline)  # its reply is in: at once
-        _template.preload(_kernel_modules(_template.denied))
-        return _template
-    _register_exit_hook()
+            _template.preload(_kernel_modules(_template.denied))
+            return _template
     close_template()
-    if _retry.failures:
-        _template = Template(_denied, background=True)
-        return None
-    for _ in range(_MAX_STARTS):
-        _template = Template(_denied)
-        try:
-            _template.wait_ready(deadline)
-            poisoned = _template.report.get("poisoned")
-            if poisoned is None:
-                return _template
-            raise TemplateUnsafe(poisoned, _template.report.get("why", "?"))
-        except TemplateUnsafe as unsafe:
-            forget_unsafe(unsafe)
-        except (TimeoutError, KeyboardInterrupt):
-            # Still starting: the next call may find it ready, and the only reply it owes
-            # is TemplateReady, so it stays in step.
-            raise
-        except BaseException:
-            close_template()
-            raise
-    raise TemplateUnavailable(f"no safe template after {_MAX_STARTS} starts"
-                              f" (left out: {_denied})")
+    # prestart() starts the next one once this call's ranks are up (Supervisor.start):
+    # started now, its imports (torch: over a second of CPU) would slow their start.
+    return None
 
 
 def forget_unsafe(unsafe: TemplateUnsafe) -> None:
@@ -524,23 +508,14 @@ def _usable_template(deadline: float | None) -> Template | None:
         return None
     if (_template is None or not _template.alive) and not _retry.allows(time.monotonic()):
         return None
-    for attempt in range(2):
-        # A template is running (maybe stale), or failed before: the call does not wait.
-        in_background = (_template is not None and _template.alive) or _retry.failures > 0
-        try:
-            return get_template(deadline)
-        except TimeoutError:
-            raise
-        except TemplateUnavailable as error:
-            close_template()
-            _give_up(error)
-            return None
-        except (RuntimeError, OSError) as error:
-            close_template()
-            if attempt == 1 or in_background:
-                _failed(error)
-                return None
-    return None
+    try:
+        return get_template(deadline)
+    except TimeoutError:
+        raise
+    except (RuntimeError, OSError) as error:  # it failed to start: spawn, try again later
+        close_template()
+        _failed(error)
+        return None
 
 
 _closed_templates: list[Template] = []  # let go, still serving their last ranks
@@ -575,14 +550,18 @@ def settle_closed_templates() -> None:
 
 
 def prestart() -> None:
-    """Start the template now, without waiting for it (``%load_ext ranks``)."""
+    """Start the template now, without waiting for it, unless one runs (``%load_ext
+    ranks``, and each start of ranks once they are up: see ``get_template``)."""
     global _template
     with _lock:
         if (_unavailable is not None or _template is not None
                 or not _retry.allows(time.monotonic())):
             return
         _register_exit_hook()
-        _template = Template(_denied)
+        try:
+            _template = Template(_denied)
+        except OSError as error:  # too few fds, an environment too large to exec: may pass
+            _failed(error)
 
 
 _exit_hook_registered = False

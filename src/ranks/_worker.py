@@ -325,8 +325,19 @@ def _tear_down() -> None:
 
 def _read_commands(conn: Connection, commands: queue.Queue[_protocol.Message]) -> None:
     """The control thread: commands in for the main thread, interrupt receipts out."""
+    sources: list[Connection | socket.socket] = [conn, _interrupt_taken[0]]
+    # One poll object for the rank's life: wait() builds a selector per command, a good
+    # part of a warm call's cost on the rank. Windows has no poll(): wait() there.
+    poller = select.poll() if hasattr(select, "poll") else None
+    if poller is not None:
+        for source in sources:
+            poller.register(source.fileno(), select.POLLIN)
     while True:
-        ready = wait([conn, _interrupt_taken[0]])
+        if poller is None:
+            ready: list[object] = list(wait(sources))
+        else:
+            fds = {fd for fd, _ in poller.poll()}
+            ready = [source for source in sources if source.fileno() in fds]
         if _interrupt_taken[0] in ready:
             taken = _interrupt_taken[0].recv(64)
             _send(conn, Interrupted(in_user_code=b"u" in taken))

@@ -33,7 +33,7 @@ def test_cuda_tensor_arguments_land_on_each_ranks_own_device(kernel: Kernel) -> 
     kernel.ok(SETUP)
     expected = float((1 << 20) * ((1 << 20) - 1) / 2)
     on_cpu = kernel.value(
-        "[r[:4] for r in ranks.run(where, args=(weights,), n=2)]", timeout=120)
+        "[r[:4] for r in ranks.run(where, args=(weights,), n=2, gpus=[])]", timeout=120)
     assert on_cpu == [("cpu", True, expected, False)] * 2
     on_gpu = kernel.value(
         "[r[:4] for r in ranks.run(where, args=(weights,), gpus=[0])]", timeout=120)
