@@ -193,7 +193,7 @@ def bench(launcher: Launcher, backend: str, repeat: int, cap: float, workdir: Pa
     result = Result()
     log = workdir / f"{driver}-{launcher.key}.log"
     # Kernel: the kernel's own chatter, and the ranks' crash output, go to the log.
-    kernel = Kernel(str(workdir), log) if driver == "kernel" else Script(str(workdir), log)
+    kernel = Kernel(str(workdir), log=log) if driver == "kernel" else Script(str(workdir), log)
     try:
         kernel.run(SETUP.format(src=SRC, backend=backend, mark=MARK, n=n), START_SLACK)
         kernel.run(launcher.setup.format(cap=cap), START_SLACK)

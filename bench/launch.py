@@ -157,9 +157,8 @@ def measure(kernel: Kernel, workload: str, n: int, timeout: float) -> float:
 @contextlib.contextmanager
 def kernel_for(launcher: Launcher, setup: str, workdir: str, log: Path,
                timeout: float) -> Iterator[Kernel]:
-    env = dict(os.environ)
-    env.pop("RANKS_START_METHOD", None)  # each launcher sets its own
-    kernel = Kernel(workdir, log, env)
+    # RANKS_START_METHOD, if set here: each ranks launcher sets its own in the kernel.
+    kernel = Kernel(workdir, log=log)
     try:
         kernel.run("import torch", timeout)  # the notebook already uses torch
         kernel.run(setup + launcher.setup, timeout)

@@ -102,7 +102,8 @@ def throughput(kernel: Kernel, lines: int, limiter: bool) -> dict[str, float]:
 def latency(kernel: Kernel, samples: int, redraw: bool) -> list[float]:
     cell = run_cell(kernel, f"w.run(stamps, args=({samples}, {redraw}))")
     delays = []
-    for arrived, msg in cell.messages:
+    for msg in cell.messages:
+        arrived = msg["arrived"]
         if redraw and msg["msg_type"] in ("display_data", "update_display_data"):
             texts = [msg["content"]["data"]["text/plain"]]
         elif not redraw and msg["msg_type"] == "stream":

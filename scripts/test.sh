@@ -71,27 +71,11 @@ elif [ "$status" -ne 0 ]; then
   failed+=("pytest (exit status $status)")
 fi
 
-# Ranks start forked from the warm template by default; spawn is the fallback (non-Linux, or
-# a template that cannot be made safe) and RANKS_START_METHOD=spawn forces it. A second pass
-# runs the notebook and failure tests on that path so it cannot rot unseen (about a minute).
-# Only on a full run: PYTEST_ARGS pick what to test, and this pass would add to it.
+# The start methods (template, spawn, portable) need no pass of their own: the notebook,
+# crash-table and World tests run once per method inside pytest (START_METHODS in those
+# files, the fixture in tests/conftest.py). Windows needs a kernel of its own: one more
+# pass, only on a full run (PYTEST_ARGS pick what to test, and this pass would add to it).
 if [ "$#" -eq 0 ]; then
-  spawn_files=(tests/test_run_notebook.py tests/test_failures.py)
-  echo "==> pytest, RANKS_START_METHOD=spawn: ${spawn_files[*]}"
-  status=0
-  RANKS_START_METHOD=spawn "$PY" -m pytest -q --junitxml="${results%.xml}-spawn.xml" \
-    "${spawn_files[@]}" || status=$?
-  [ "$status" -eq 0 ] || failed+=("pytest RANKS_START_METHOD=spawn (exit status $status)")
-
-  # The portable start is Windows' only one (src/ranks/_portable.py); here it runs on Linux
-  # so that all of it but the Win32 calls is tested (about two minutes).
-  portable_files=(tests/test_run_notebook.py tests/test_failures.py tests/test_world.py)
-  echo "==> pytest, RANKS_START_METHOD=portable: ${portable_files[*]}"
-  status=0
-  RANKS_START_METHOD=portable "$PY" -m pytest -q --junitxml="${results%.xml}-portable.xml" \
-    "${portable_files[@]}" || status=$?
-  [ "$status" -eq 0 ] || failed+=("pytest RANKS_START_METHOD=portable (exit status $status)")
-
   # Windows: the kernel-driven tests again, in a Jupyter kernel on Windows CPython under
   # Wine (scripts/windows-python.sh; about three minutes). Where Wine is missing this pass
   # is skipped, unless RANKS_REQUIRE_WINDOWS=1 (.ci/run installs Wine and sets it).

@@ -9,6 +9,13 @@ of ranks left on disk where nothing may remain: anything of a kernel that exited
 and a World's temporary folder (``tmp-*``) in this process's folder (only a closed World's
 can be new: an open one outlives the test only in a fixture made before it). A killed
 kernel's files are not a leak: the next ranks start removes them.
+
+The start method is a fixture, as loky runs one suite per start method: a test module that
+sets ``START_METHODS`` (a tuple of ``template``, ``spawn``, ``portable``) runs every test
+once per method on Linux, the method in the test's id (``-k spawn`` picks one), with
+``RANKS_START_METHOD`` set for the test process, its kernels and its ranks. Where the
+method is chosen from outside (``RANKS_START_METHOD`` already set, a Windows kernel, a
+system other than Linux), each module runs once, with that one.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import contextlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -71,6 +79,35 @@ def _ranks_files() -> set[Path]:
         elif pid == str(os.getpid()):
             left |= set(folder.glob("tmp-*"))
     return left
+
+
+START_METHOD_VARIABLE = "RANKS_START_METHOD"
+# Read before any fixture sets it: a method chosen from outside collapses the matrix.
+_CHOSEN_OUTSIDE = os.environ.get(START_METHOD_VARIABLE)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    methods = getattr(metafunc.module, "START_METHODS", None)
+    if (methods is None or "ranks_start_method" not in metafunc.fixturenames or _CHOSEN_OUTSIDE
+            or WINDOWS_KERNEL or not sys.platform.startswith("linux")):
+        return
+    metafunc.parametrize("ranks_start_method", methods, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ranks_start_method(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """The start method this module's tests run under (None: the system's default).
+
+    Set in this process's environment for the whole module: the ranks it starts itself,
+    and the kernels and scripts it starts, which inherit it.
+    """
+    method: str | None = getattr(request, "param", None)
+    if method is None:
+        yield os.environ.get(START_METHOD_VARIABLE)
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(START_METHOD_VARIABLE, method)
+        yield method
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -142,7 +179,9 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
+def kernel(
+    tmp_path_factory: pytest.TempPathFactory, ranks_start_method: str | None
+) -> Iterator[Kernel]:
     """One real ipykernel per test module, started in its own empty folder."""
     workdir = tmp_path_factory.mktemp("kernel")
     k = default_kernel(str(workdir))
@@ -153,7 +192,7 @@ def kernel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kernel]:
 
 
 @pytest.fixture
-def fresh_kernel(tmp_path: Path) -> Iterator[Kernel]:
+def fresh_kernel(tmp_path: Path, ranks_start_method: str | None) -> Iterator[Kernel]:
     """A kernel of the test's own, for tests that interrupt, kill or restart it."""
     k = default_kernel(str(tmp_path))
     k.workdir = tmp_path  # type: ignore[attr-defined]

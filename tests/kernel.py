@@ -1,4 +1,4 @@
-"""A real Jupyter kernel for tests, driven through jupyter_client.
+"""A real Jupyter kernel, driven through jupyter_client: for the tests and the benchmarks.
 
 ``Kernel.execute`` runs one cell and returns everything the cell showed: the stdout and
 stderr stream text, the error (name, value, traceback) and the displayed result, plus the
@@ -8,6 +8,10 @@ the test acts on while it runs: ``Kernel.start`` sends it, ``Kernel.collect`` ga
 same later; ``Kernel.interrupt_once`` interrupts a cell once its ranks are in. For a cell
 that asks for input (pdb on a rank): ``Kernel.converse`` answers each input_request on the
 stdin channel with the next of a scripted list of lines and records the prompts.
+
+The one driver of the project: ``bench/_kernel.py`` loads this file by its path (benchmarks
+run as ``python bench/x.py``, where ``tests`` is no package to import from), so a fix here
+serves both.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import queue
 import re
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable
@@ -66,6 +71,10 @@ def default_kernel(cwd: str, env: dict[str, str] | None = None) -> Kernel:
     return Kernel(cwd, env)
 
 
+class CellFailed(AssertionError):
+    """The cell raised: its name, value and the kernel's traceback."""
+
+
 @dataclass
 class Cell:
     msg_id: str
@@ -76,6 +85,20 @@ class Cell:
     messages: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     prompts: list[str] = field(default_factory=list)  # of the input requests, in order
+    started: float = 0.0  # time.time() just before the cell was sent
+
+    def lines(self, name: str) -> list[tuple[float, str]]:
+        """The lines of the stream ``name`` (stdout, stderr), each with its arrival."""
+        out = []
+        for msg in self.messages:
+            if msg["msg_type"] == "stream" and msg["content"]["name"] == name:
+                out += [(msg["arrived"], line) for line in msg["content"]["text"].splitlines()]
+        return out
+
+    @property
+    def ended(self) -> float:
+        """When the last message (the kernel going idle) arrived, by time.time()."""
+        return float(self.messages[-1]["arrived"])
 
     @property
     def traceback(self) -> str:
@@ -86,17 +109,21 @@ class Cell:
     def check(self) -> Cell:
         """Fail with the kernel's traceback if the cell raised."""
         if self.error is not None:
-            raise AssertionError(f"cell raised:\n{self.traceback}\nstdout:\n{self.stdout}\n"
-                                 f"stderr:\n{self.stderr}")
+            raise CellFailed(f"cell raised {self.error['ename']}: {self.error['evalue']}\n"
+                             f"{self.traceback}\nstdout:\n{self.stdout}\n"
+                             f"stderr:\n{self.stderr}")
         return self
 
 
 class Kernel:
     def __init__(
-        self, cwd: str, env: dict[str, str] | None = None, argv: list[str] | None = None
+        self, cwd: str, env: dict[str, str] | None = None, argv: list[str] | None = None,
+        log: Path | None = None,
     ) -> None:
-        """``argv``: the kernel's command line (``{connection_file}`` in it), by default
-        ipykernel on this interpreter (the one with ranks installed)."""
+        """``env``: set over this process's environment. ``argv``: the kernel's command line
+        (``{connection_file}`` in it), by default ipykernel on this interpreter (the one with
+        ranks installed). ``log``: a file for the kernel's own output (its start-up
+        warnings, a crash), else it goes where this process's output goes."""
         self.manager = KernelManager(kernel_name="python3")
         kernel_env = dict(os.environ)
         kernel_env.update(env or {})
@@ -105,7 +132,11 @@ class Kernel:
         else:
             self.manager.kernel_spec.argv[:] = argv
         self._output_drain: threading.Thread | None = None
-        if argv is None:
+        if argv is None and log is not None:
+            with open(log, "ab") as out:
+                self.manager.start_kernel(cwd=cwd, env=kernel_env, stdout=out,
+                                          stderr=subprocess.STDOUT)
+        elif argv is None:
             self.manager.start_kernel(cwd=cwd, env=kernel_env)
         else:
             # Wine cannot give a Windows program a regular file or /dev/null as its stdout
@@ -114,7 +145,7 @@ class Kernel:
                                       stderr=subprocess.STDOUT)
             process = self.manager.provisioner.process  # type: ignore[union-attr]
             self._output_drain = threading.Thread(
-                target=_drain, args=(process.stdout, Path(cwd) / "kernel-output.log"),
+                target=_drain, args=(process.stdout, log or Path(cwd) / "kernel-output.log"),
                 daemon=True, name="kernel-output")
             self._output_drain.start()
         self.client = self.manager.client()
@@ -130,12 +161,14 @@ class Kernel:
 
     def execute(self, code: str, timeout: float = 60.0,
                 on_start: Callable[[], None] | None = None) -> Cell:
-        started = time.monotonic()
+        """Run ``code`` (dedented) as one cell: everything it showed (see :meth:`collect`)."""
+        sent, started = time.time(), time.monotonic()
         try:
-            cell = self.collect(self.start(code), timeout, on_start)
+            cell = self.collect(self.start(textwrap.dedent(code)), timeout, on_start)
         except TimeoutError as error:
             raise TimeoutError(f"{error}\nthe cell:\n{code}") from None
         cell.seconds = time.monotonic() - started
+        cell.started = sent
         return cell
 
     def start(self, code: str, allow_stdin: bool = False) -> str:
@@ -215,7 +248,12 @@ class Kernel:
             self.client.input(line)
 
     def ok(self, code: str, timeout: float = 60.0) -> Cell:
+        """Run ``code`` as one cell; CellFailed, with the kernel's traceback, if it raised."""
         return self.execute(code, timeout).check()
+
+    def run(self, code: str, timeout: float = 60.0) -> str:
+        """Run ``code`` as one cell; its stdout (CellFailed if it raised)."""
+        return self.ok(code, timeout).stdout
 
     def value(self, expression: str, timeout: float = 60.0) -> Any:
         """Evaluate an expression in the kernel; it comes back through repr/literal_eval."""
@@ -260,14 +298,20 @@ class Kernel:
         assert isinstance(cell, Cell)
         return cell, done["at"] - interrupted
 
-    def close(self) -> None:
-        """Shut the kernel down if it still runs (killed if that fails); safe to call again."""
+    def close(self, now: bool = False) -> None:
+        """Shut the kernel down if it still runs (killed if that fails); safe to call again.
+
+        ``now``: kill it at once, without the graceful shutdown in which its exit handlers
+        close the ranks it holds (they follow it out by themselves)."""
         # Read before shutting down: the provisioner forgets its process then (and has
         # already forgotten it when the test shut the kernel down itself).
         process = getattr(self.manager.provisioner, "process", None)
         if process is None:
             return
-        if process.poll() is None:
+        if process.poll() is None and now:
+            self.client.stop_channels()
+            self.manager.shutdown_kernel(now=True)
+        elif process.poll() is None:
             try:
                 self.shutdown()
             except Exception:

@@ -20,11 +20,15 @@ import crashes
 import psutil
 import pytest
 from kernel import Kernel
+from processes import gone_within
 
 import ranks
 from ranks._placement import plan_ranks, visible_gpus
 
 TESTS = str(Path(__file__).resolve().parent)
+# Every test here runs once per start method (conftest.py): a rank fails the same way
+# whichever way it was started.
+START_METHODS = ("template", "spawn", "portable")
 # A failure must reach the caller this fast: a peer blocked in Gloo needs the 1 s SIGINT
 # grace before SIGTERM; the rest is slack for a loaded 2-core CI machine. The escalation
 # budget, for comparison, is 7 s.
@@ -195,19 +199,7 @@ def test_children_of_ranks_die_too(owner: str, how: str, tmp_path: Path) -> None
     with pytest.raises(expected):
         ranks.run(work, (str(tmp_path), owner_rank, how), n=2)
     child = int((tmp_path / "child").read_text())
-    assert _gone_within(child, 2.0), f"the rank's child {child} outlived the call"
-
-
-def _gone_within(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True  # dead; only its exit status waits for a parent to collect it
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.02)
-    return False
+    assert not gone_within([child], 2.0), f"the rank's child {child} outlived the call"
 
 
 # --- bad input: refused before any process starts --------------------------------------

@@ -13,10 +13,11 @@ import subprocess
 import sys
 
 import pytest
+from helpers import local_environments
 
+from ranks._backends.local import free_port
 from ranks._frameworks import FRAMEWORKS, environments
 from ranks._placement import RankSpec, plan_ranks, visible_gpus
-from ranks._world import _free_port, _rank_environments
 
 
 def _cpu_specs(n: int) -> list[RankSpec]:
@@ -27,7 +28,7 @@ def test_jax_ranks_meet_at_one_coordinator_on_a_port_of_its_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
-    envs = _rank_environments(_cpu_specs(3), {})
+    envs = local_environments(_cpu_specs(3), {})
     coordinators = {envs[r]["JAX_COORDINATOR_ADDRESS"] for r in range(3)}
     assert len(coordinators) == 1, coordinators
     host, port = coordinators.pop().rsplit(":", 1)
@@ -40,14 +41,14 @@ def test_jax_ranks_meet_at_one_coordinator_on_a_port_of_its_own(
 
 
 def test_each_start_gets_a_fresh_coordinator_port() -> None:
-    ports = {environments(_cpu_specs(2), "127.0.0.1", _free_port)[0]["JAX_COORDINATOR_ADDRESS"]
+    ports = {environments(_cpu_specs(2), "127.0.0.1", free_port)[0]["JAX_COORDINATOR_ADDRESS"]
              for _ in range(4)}
     # The OS may hand a port out twice; a fixed port would give one address every time.
     assert len(ports) >= 2, ports
 
 
 def test_cpu_ranks_get_no_jax_device_ids() -> None:
-    envs = environments(_cpu_specs(2), "127.0.0.1", _free_port)
+    envs = environments(_cpu_specs(2), "127.0.0.1", free_port)
     assert all("JAX_LOCAL_DEVICE_IDS" not in env for env in envs)
 
 
@@ -55,7 +56,7 @@ def test_gpu_rank_r_owns_local_jax_device_r(monkeypatch: pytest.MonkeyPatch) -> 
     # Every rank sees the World's GPUs (rank r uses cuda:r): JAX must claim only that one.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
     specs = plan_ranks(None, [2, 0], visible_gpus())
-    envs = _rank_environments(specs, {})
+    envs = local_environments(specs, {})
     assert [envs[r]["CUDA_VISIBLE_DEVICES"] for r in (0, 1)] == ["6,4", "6,4"]
     assert [envs[r]["JAX_LOCAL_DEVICE_IDS"] for r in (0, 1)] == ["0", "1"]
 
@@ -65,9 +66,9 @@ def test_users_env_wins_over_the_kernels_and_the_kernels_loses(
 ) -> None:
     # A coordinator in the kernel's environment belongs to the kernel's own world.
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.9:1234")
-    ours = _rank_environments(_cpu_specs(2), {})
+    ours = local_environments(_cpu_specs(2), {})
     assert ours[0]["JAX_COORDINATOR_ADDRESS"] != "10.0.0.9:1234"
-    chosen = _rank_environments(_cpu_specs(2), {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:4321"})
+    chosen = local_environments(_cpu_specs(2), {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:4321"})
     assert [chosen[r]["JAX_COORDINATOR_ADDRESS"] for r in (0, 1)] == ["127.0.0.1:4321"] * 2
 
 
@@ -76,7 +77,7 @@ def test_frameworks_set_only_their_own_variables() -> None:
     # that library does on ranks that never use the framework.
     prefixes = {"JAX_"}
     for framework in FRAMEWORKS:
-        for env in framework(_cpu_specs(2), "127.0.0.1", _free_port):
+        for env in framework(_cpu_specs(2), "127.0.0.1", free_port):
             assert all(name.startswith(tuple(prefixes)) for name in env), env
 
 

@@ -28,14 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import cell
 from kernel import WINDOWS_KERNEL, Cell, Kernel, host_path
 
 from ranks._output import BURST_LINES, RATE_LINES, OutputRouter, TerminalSink
-
-
-def cell(kernel: Kernel, code: str, timeout: float = 60.0) -> Cell:
-    """Run ``code`` (dedented) as one cell; fail with the kernel's traceback if it raised."""
-    return kernel.ok(textwrap.dedent(code), timeout)
 
 
 def stream_lines(shown: Cell, name: str) -> list[tuple[str, float]]:

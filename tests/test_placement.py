@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from helpers import local_environments
 
 from ranks import _placement
 from ranks._placement import RankSpec, plan_ranks, visible_gpus
-from ranks._world import _rank_environments
 
 FOUR = ["0", "1", "2", "3"]
 
@@ -143,7 +143,7 @@ def test_each_gpu_rank_sees_the_worlds_gpus_in_rank_order(
     # The kernel itself was given physical GPUs 4..7; gpus=[2, 3] means its GPUs 2 and 3.
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     specs = plan_ranks(None, [3, 2], visible_gpus())
-    envs = _rank_environments(specs, {})
+    envs = local_environments(specs, {})
     assert [envs[r]["CUDA_VISIBLE_DEVICES"] for r in (0, 1)] == ["7,6", "7,6"]
     assert [envs[r]["RANK"] for r in (0, 1)] == ["0", "1"]
     assert [envs[r]["LOCAL_RANK"] for r in (0, 1)] == ["0", "1"]
@@ -151,5 +151,5 @@ def test_each_gpu_rank_sees_the_worlds_gpus_in_rank_order(
 
 def test_cpu_ranks_see_no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    envs = _rank_environments(plan_ranks(2, [], visible_gpus()), {})
+    envs = local_environments(plan_ranks(2, [], visible_gpus()), {})
     assert [envs[r]["CUDA_VISIBLE_DEVICES"] for r in (0, 1)] == ["", ""]

@@ -1,7 +1,7 @@
 """The portable start (``ranks._portable``): how ranks start on Windows, tested here.
 
-The suite's ``RANKS_START_METHOD=portable`` pass (scripts/test.sh) runs the notebook, crash
-table and World tests on this path; the parametrized tests of test_output.py and
+The notebook, crash-table and World tests run on this path too (their ``START_METHODS``,
+see conftest.py); the parametrized tests of test_output.py and
 test_supervision_kernel.py run it too. Here are its own parts: the output relay's markers,
 the loopback handshake, and ranks that never connect back. Real processes and sockets
 throughout; the Win32 calls (job objects, process handles) cannot run on this system.

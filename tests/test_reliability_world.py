@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import fails
 from kernel import Kernel
 
 import ranks
-from ranks._template import start_method
+from ranks._start import start_method
 
 # --- item 2: one World used from two threads ----------------------------------------------
 
@@ -190,8 +191,8 @@ def raise_on_rank_1(cls, *args):
     return my_rank()
 """
 
-OUR_MACHINERY = ("_worker.py", "_supervisor.py", "_template.py", "_spawn.py", "_portable.py",
-                 "_report.py")
+OUR_MACHINERY = ("_worker.py", "_rank_call.py", "_supervisor.py", "_template.py", "_spawn.py",
+                 "_portable.py", "_report.py")
 
 
 @pytest.fixture(scope="module")
@@ -206,12 +207,6 @@ def exceptions(defined: Kernel) -> Iterator[Kernel]:
     defined.ok("w = ranks.World(n=2)")
     yield defined
     defined.ok("w.close()")
-
-
-def _cell(kernel: Kernel, code: str) -> Any:
-    cell = kernel.execute(textwrap.dedent(code).strip("\n"))
-    assert cell.error is not None, f"expected an error; stdout:\n{cell.stdout}"
-    return cell
 
 
 def _world_still_works(kernel: Kernel) -> None:
@@ -236,7 +231,7 @@ except Unprintable as error:
     # Not caught, the cell shows what IPython shows for the same exception raised in the
     # kernel itself (the error of its __str__), and nothing of ranks.
     alone = exceptions.execute("raise Unprintable('kept')")
-    cell = _cell(exceptions, "w.run(raise_on_rank_1, args=(Unprintable, 'kept'))")
+    cell = fails(exceptions, "w.run(raise_on_rank_1, args=(Unprintable, 'kept'))")
     assert cell.error["ename"] == alone.error["ename"], (cell.traceback, alone.traceback)
     assert "RankCrashed" not in cell.traceback, cell.traceback
     assert not any(ours in cell.traceback + cell.stderr for ours in OUR_MACHINERY), (
@@ -246,7 +241,7 @@ except Unprintable as error:
 
 @pytest.mark.timeout(90)
 def test_item5_unprintable_exception_that_cannot_be_pickled_either(exceptions: Kernel) -> None:
-    cell = _cell(exceptions, "w.run(raise_on_rank_1, args=(UnprintableUnpicklable, 'x'))")
+    cell = fails(exceptions, "w.run(raise_on_rank_1, args=(UnprintableUnpicklable, 'x'))")
     assert cell.error["ename"] == "RankFailed", cell.traceback
     assert "rank 1 raised UnprintableUnpicklable: <exception str() failed>" in cell.traceback
     _world_still_works(exceptions)
@@ -254,7 +249,7 @@ def test_item5_unprintable_exception_that_cannot_be_pickled_either(exceptions: K
 
 @pytest.mark.timeout(90)
 def test_item6_exception_that_unpickles_to_a_non_exception(exceptions: Kernel) -> None:
-    cell = _cell(exceptions, "w.run(raise_on_rank_1, args=(Shapeshifter, 'odd'))")
+    cell = fails(exceptions, "w.run(raise_on_rank_1, args=(Shapeshifter, 'odd'))")
     assert cell.error["ename"] == "RankFailed", cell.traceback
     assert "rank 1 raised Shapeshifter: odd" in cell.traceback, cell.traceback
     assert "raise cls(*args)" in cell.traceback, cell.traceback  # the rank's traceback text
@@ -264,7 +259,7 @@ def test_item6_exception_that_unpickles_to_a_non_exception(exceptions: Kernel) -
 
 @pytest.mark.timeout(90)
 def test_item6_exception_that_cannot_be_pickled_is_rank_failed(exceptions: Kernel) -> None:
-    cell = _cell(exceptions, "w.run(raise_on_rank_1, args=(Unpicklable, 'locked'))")
+    cell = fails(exceptions, "w.run(raise_on_rank_1, args=(Unpicklable, 'locked'))")
     assert cell.error["ename"] == "RankFailed", cell.traceback
     assert "rank 1 raised Unpicklable: locked" in cell.traceback, cell.traceback
     _world_still_works(exceptions)

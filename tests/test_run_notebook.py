@@ -14,12 +14,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from kernel import Cell, Kernel
+from helpers import cell
+from kernel import Kernel
 
-
-def cell(kernel: Kernel, code: str, timeout: float = 60.0) -> Cell:
-    """Run ``code`` (dedented) as one cell; fail with the kernel's traceback if it raised."""
-    return kernel.ok(textwrap.dedent(code), timeout)
+# Every test here runs once per start method (conftest.py): what a notebook sends travels
+# the same way whichever way the ranks were started.
+START_METHODS = ("template", "spawn", "portable")
 
 
 # Defined in the kernel once per module. The warm template (one long-lived process per

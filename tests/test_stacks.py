@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import cell
 from kernel import Cell, Kernel
 
 import ranks
@@ -37,6 +38,7 @@ from ranks._stacks import (
 # --- the pure part: parsing and collapsing -----------------------------------------------
 
 WORKER = "/venv/lib/python3.11/site-packages/ranks/_worker.py"
+CALL = "/venv/lib/python3.11/site-packages/ranks/_rank_call.py"
 # A rank's dump between calls: the main thread waits for a command, the control thread
 # reads the channel; neither is the user's.
 IDLE_DUMP = f"""\
@@ -59,7 +61,7 @@ def busy_dump(line: int, thread_id: str = "1", extra: str = "") -> str:
     return f"""\
 {extra}Current thread 0x00007f000000000{thread_id} (most recent call first):
   File "/tmp/ipykernel_7/1.py", line {line} in step
-  File "{WORKER}", line 388 in _execute
+  File "{CALL}", line 88 in execute
   File "{WORKER}", line 333 in _serve
   File "{WORKER}", line 127 in main
   File "<string>", line 1 in <module>
@@ -263,7 +265,8 @@ def wait_for(*names, seconds=60):
 
 
 def run(kernel: Kernel, code: str, timeout: float = 90.0) -> Cell:
-    return kernel.ok(textwrap.dedent(code).strip("\n"), timeout)
+    """:func:`helpers.cell`, with the longer deadline of a cell that waits for a hang."""
+    return cell(kernel, code, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -306,6 +309,7 @@ def test_stacks_magic_shows_a_rank_blocked_in_a_gloo_collective(nb: Kernel) -> N
         assert "in reduce_when_released" in rank0, shown
         assert "in reduce_when_released" in rank1 and "all_reduce" not in rank1, shown
         assert "_worker.py" not in shown and "_read_commands" not in shown, shown
+        assert "_rank_call.py" not in shown, shown
         assert nb.value("open('release', 'w').close(); caller.join(60); outcome") == ["done"]
         run(nb, "%%ranks\nassert result == [2.0, 2.0], result")
         # Between calls: the ranks wait for the next one.

@@ -29,20 +29,20 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
+from helpers import cell, wait_for
 from kernel import KERNEL_PIDS, Kernel
+from processes import is_alive
 
 
 @pytest.fixture(scope="module", autouse=True)
 def template_start_method() -> Iterator[None]:
-    """Kernels here start with the template, also in the suite's RANKS_START_METHOD=spawn pass.
+    """Kernels here start with the template, also where RANKS_START_METHOD says otherwise.
 
     Module-scoped and autouse, so it is in place before the module's ``kernel`` starts.
     """
@@ -53,10 +53,6 @@ def template_start_method() -> Iterator[None]:
 
 DEATH_DEADLINE = 2.0  # seconds for the template and ranks to follow a killed kernel
 EXIT_DEADLINE = 10.0  # seconds for an old template to leave once its ranks are gone
-
-
-def cell(kernel: Kernel, code: str, timeout: float = 60.0) -> None:
-    kernel.ok(textwrap.dedent(code), timeout)
 
 
 def templates(kernel_pid: int) -> list[psutil.Process]:
@@ -75,23 +71,6 @@ def the_template(kernel_pid: int) -> psutil.Process:
     found = templates(kernel_pid)
     assert len(found) == 1, f"expected one template child of the kernel, found {found}"
     return found[0]
-
-
-def wait_for(condition: Any, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-def gone(pid: int) -> bool:
-    """Exited (a zombie waiting for its reaper counts as gone: it runs nothing)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def kernel_value_of_parents(kernel: Kernel) -> list[int]:
@@ -143,7 +122,7 @@ def test_template_is_a_fresh_interpreter_and_ranks_are_its_children(kernel: Kern
     # Every rank was forked from the template, none from the kernel.
     assert {parent for _, parent in ranks_and_parents} == {template.pid}
     # The template outlives the call; the ranks do not.
-    assert wait_for(lambda: all(gone(pid) for pid, _ in ranks_and_parents), 5.0)
+    assert wait_for(lambda: all(not is_alive(pid) for pid, _ in ranks_and_parents), 5.0)
     assert not template.children()
 
 
@@ -389,14 +368,14 @@ def test_template_and_ranks_die_with_a_killed_kernel(fresh_kernel: Kernel) -> No
     kernel_pid = fresh_kernel.pid
     killed = time.monotonic()
     os.kill(kernel_pid, signal.SIGKILL)
-    followed = wait_for(lambda: all(gone(pid) for pid in [template.pid, *rank_pids]),
+    followed = wait_for(lambda: all(not is_alive(pid) for pid in [template.pid, *rank_pids]),
                         DEATH_DEADLINE)
     took = time.monotonic() - killed
     fresh_kernel.client.stop_channels()
     fresh_kernel.manager.shutdown_kernel(now=True)  # reaps the killed kernel
     KERNEL_PIDS.discard(kernel_pid)
     assert followed, (f"still running {DEATH_DEADLINE} s after the kernel was killed: "
-                      f"{[p for p in [template.pid, *rank_pids] if not gone(p)]}")
+                      f"{[p for p in [template.pid, *rank_pids] if is_alive(p)]}")
     assert took < DEATH_DEADLINE
 
 
@@ -404,8 +383,8 @@ def test_template_and_ranks_die_with_a_killed_kernel(fresh_kernel: Kernel) -> No
 def test_kernel_shutdown_leaves_nothing(fresh_kernel: Kernel) -> None:
     template, rank_pids = _open_world(fresh_kernel)  # the World is left open on purpose
     fresh_kernel.shutdown()
-    assert wait_for(lambda: all(gone(pid) for pid in [template.pid, *rank_pids]), 5.0), (
-        f"left running after shutdown: {[p for p in [template.pid, *rank_pids] if not gone(p)]}")
+    assert wait_for(lambda: all(not is_alive(pid) for pid in [template.pid, *rank_pids]), 5.0), (
+        f"left running after shutdown: {[p for p in [template.pid, *rank_pids] if is_alive(p)]}")
 
 
 @pytest.mark.timeout(90)
@@ -431,7 +410,7 @@ def test_template_started_from_a_thread_outlives_the_thread(fresh_kernel: Kernel
     assert fresh_kernel.value("w_parent") == [started_in_thread]
     time.sleep(0.5)
     assert fresh_kernel.value("w.run(os.getppid)") == [started_in_thread]
-    assert not gone(started_in_thread)
+    assert is_alive(started_in_thread)
     cell(fresh_kernel, "w.close()")
 
 
@@ -727,13 +706,13 @@ def test_item4_a_template_killed_from_outside_is_replaced(fresh_kernel: Kernel) 
     cell(fresh_kernel, "import os, ranks")
     first = the_template_after_a_call(fresh_kernel)
     os.kill(first, signal.SIGKILL)
-    assert wait_for(lambda: gone(first), 5.0)
+    assert wait_for(lambda: not is_alive(first), 5.0)
     # The next call spawns its ranks while a new template starts; later ones fork from it.
     second = forked_from_a_new_template(fresh_kernel, first)
     assert second == the_template(fresh_kernel.pid).pid
     # And again: a second kill is no more fatal than the first.
     os.kill(second, signal.SIGKILL)
-    assert wait_for(lambda: gone(second), 5.0)
+    assert wait_for(lambda: not is_alive(second), 5.0)
     third = forked_from_a_new_template(fresh_kernel, second)
     assert third != first and third == the_template(fresh_kernel.pid).pid
 
@@ -787,7 +766,7 @@ def test_item10_a_variable_read_at_import_restarts_the_template_in_the_backgroun
     """)
     # Spawned (by the kernel), not forked from the old template nor from a new one waited for.
     assert [tuple(r) for r in fresh_kernel.value("first")] == [("1", fresh_kernel.pid)] * 2
-    assert wait_for(lambda: gone(old), EXIT_DEADLINE)
+    assert wait_for(lambda: not is_alive(old), EXIT_DEADLINE)
     new = forked_from_a_new_template(fresh_kernel, old)
     assert the_template(fresh_kernel.pid).pid == new
 

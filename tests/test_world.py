@@ -26,8 +26,14 @@ from pathlib import Path
 
 import psutil
 import pytest
+from helpers import cell as run  # `cell` names what a test's cell showed
+from helpers import fails
 from kernel import KERNEL_PIDS, WINDOWS_KERNEL, Cell, Kernel
 from processes import rank_processes
+
+# Every test here runs with the default start and the portable one (conftest.py), which
+# stands in for Windows' and macOS's: spawn ranks behave as forked ones between calls.
+START_METHODS = ("template", "portable")
 
 # A rank that answers SIGINT must be back within this many seconds of the interrupt; one
 # that ignores it is killed after the 1 s SIGINT grace plus the 1 s SIGTERM grace. Both
@@ -55,18 +61,6 @@ HELPERS = """
         \"\"\"The pids of the extension's World, read from `%ranks status`.\"\"\"
         return [row.pid for row in get_ipython().run_line_magic("ranks", "status").rows]
 """
-
-
-def run(kernel: Kernel, code: str, timeout: float = 60.0) -> Cell:
-    """Run ``code`` (dedented) as one cell; fail with the kernel's traceback if it raised."""
-    return kernel.ok(textwrap.dedent(code).strip("\n"), timeout)
-
-
-def fails(kernel: Kernel, code: str, timeout: float = 60.0) -> Cell:
-    """Run ``code`` (dedented) as one cell that must raise."""
-    cell = kernel.execute(textwrap.dedent(code).strip("\n"), timeout)
-    assert cell.error is not None, f"expected an error from:\n{code}\nstdout:\n{cell.stdout}"
-    return cell
 
 
 def interrupted(kernel: Kernel, code: str, wait_for: str, within: float) -> Cell:

@@ -40,13 +40,13 @@ import mmap
 import os
 import pickle
 import shutil
-import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from . import _runtime_dir
+from ._os import current
 from ._serialize import Packed, loads, pack
 
 log = logging.getLogger("ranks")
@@ -213,7 +213,7 @@ def sweep() -> None:
 
 
 def _supported() -> bool:
-    return sys.platform.startswith("linux") and os.path.isdir(SHARED_MEMORY)
+    return current.DATA_PLANE and os.path.isdir(SHARED_MEMORY)
 
 
 def _spill_root() -> str:

@@ -254,7 +254,7 @@ def register(shell: Any) -> None:
     shell.register_magic_function(_magics.cell, "cell", "ranks")
     # The warm template imports torch in the background while the user writes the next
     # cell, so the first launch does not pay for it.
-    from ._template import prestart
+    from ._start import prestart
 
     prestart()
 

@@ -39,10 +39,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from . import _protocol
 from ._placement import RankSpec
@@ -55,6 +55,9 @@ from ._spawn import (
     interrupt_held,
     process_sentinel,
 )
+
+if TYPE_CHECKING:
+    from ._start import Request
 
 WINDOWS = sys.platform == "win32"
 TOKEN_WAIT = 5.0  # seconds a connection gets to present the token once accepted
@@ -396,3 +399,25 @@ def connect_back() -> tuple[Connection, str]:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(token.encode() + b"\n")
     return Connection(sock.detach()), token
+
+
+def launch(
+    requests: Sequence[Request], deadline: float | None, launched: Callable[[RankProcess], None],
+) -> None:
+    """Start every rank, then take their connections: they boot side by side."""
+    starts: list[PortableStart] = []
+    try:
+        for spec, env, cwd, stacks_path in requests:
+            starts.append(PortableStart(spec, env, cwd, stacks_path))
+    except BaseException:
+        for start in starts:
+            start.kill()
+        raise
+    for index, start in enumerate(starts):
+        try:
+            # connect() ends its own rank when it fails; the caller those it was given.
+            launched(start.connect(deadline))
+        except BaseException:
+            for later in starts[index + 1:]:
+                later.kill()
+            raise

@@ -1,8 +1,8 @@
 """From what each rank did to the one exception the cell shows.
 
-The earliest failure is the cause (ordered by ``time.monotonic()``, which is system-wide on
-one host): a rank's own exception comes back with its original type, the rank's traceback
-as ``__cause__`` and a note naming rank, pid and device; a death is a RankCrashed. Ranks
+The cause is the failure ``_attribution`` picks (the earliest one the kernel did not
+cause): a rank's own exception comes back with its original type, the rank's traceback as
+``__cause__`` and a note naming rank, pid and device; a death is a RankCrashed. Ranks
 that failed later, or that were stopped because of the first failure, are summarised in a
 note, so the cell leads with the root cause and not with its echoes.
 """
@@ -12,17 +12,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping
 
-from . import _serialize
+from . import _attribution, _serialize
+from ._attribution import Outcome
 from ._errors import TEMPLATE_ENDED, RankFailed, RankTraceback, add_note
 from ._protocol import Failed
-from ._supervisor import Outcome
 
 
 def build_error(
     outcomes: Mapping[int, Outcome], pids: Mapping[int, int], devices: Mapping[int, str]
 ) -> BaseException | None:
     """The exception for these outcomes, or None if every rank succeeded."""
-    cause = _cause(outcomes)
+    cause = _attribution.cause(outcomes)
     if cause is None:
         return None
     failed = [o for o in outcomes.values() if not o.ok]
@@ -37,17 +37,8 @@ def build_error(
 
 def raising_rank(outcomes: Mapping[int, Outcome]) -> int | None:
     """The rank whose own exception the error shows (None: none raised, or one died)."""
-    cause = _cause(outcomes)
+    cause = _attribution.cause(outcomes)
     return cause.rank if cause is not None and isinstance(cause.reply, Failed) else None
-
-
-def _cause(outcomes: Mapping[int, Outcome]) -> Outcome | None:
-    failed = [o for o in outcomes.values() if not o.ok]
-    if not failed:
-        return None
-    # A rank we stopped is an echo of another failure, unless nothing else failed.
-    own = [o for o in failed if o.stopped_by is None] or failed
-    return min(own, key=lambda o: (o.at, o.rank))
 
 
 def _exception_of(

@@ -50,7 +50,7 @@ def run(
     # Refuse what cannot travel before anything starts.
     payload = _serialize.dumps_call(fn, args, kwargs, _dataplane.available())
     started = time.monotonic()
-    world = World._started(specs, torch_dist, extra_env, timeout, shown, started)
+    world = World._started(specs, torch_dist, extra_env, backend, timeout, shown, started)
     try:
         payloads = dict.fromkeys(range(len(specs)), payload)
         return world._call(CallKind.RUN, payloads, timeout, shown, started)

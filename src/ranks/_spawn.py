@@ -1,7 +1,7 @@
 """Starting one rank as a fresh interpreter, and the kernel-side handle that owns it.
 
 The supervisor holds a :class:`RankProcess` and does not care how the process came to be.
-``_template.launch_ranks`` decides: forked from the warm template, or, where that is not
+``_start.launch_ranks`` decides: forked from the warm template, or, where that is not
 possible, :func:`spawn_rank` here: ``subprocess`` starting ``sys.executable`` (spawn
 semantics, safe after the kernel initialised CUDA, never a fork of the kernel), or on
 Windows ``_portable``'s start, whose handle is a subclass. All end up with the same
@@ -33,11 +33,15 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import _protocol
 from ._descendants import end_processes
+from ._os import current
 from ._placement import RankSpec
+
+if TYPE_CHECKING:
+    from ._start import Request
 
 PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 # Appending (not prepending) our parent folder lets an installed `ranks` win as usual while
@@ -48,8 +52,7 @@ BOOT = (
 )
 
 
-# Where a system has no SIGKILL (Windows), SIGTERM's stand-in ends a process just as hard.
-KILL = getattr(signal, "SIGKILL", signal.SIGTERM)
+KILL = current.KILL  # SIGKILL, or on Windows SIGTERM's stand-in, which ends as hard
 
 
 class OutputPipe:
@@ -356,3 +359,12 @@ def ready_among(sources: Sequence[object], timeout: float | None) -> list[object
 def close_quietly(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.close(fd)
+
+
+def launch(
+    requests: Sequence[Request], deadline: float | None, launched: Callable[[RankProcess], None],
+) -> None:
+    """The spawn start: each rank a fresh interpreter, started one after the other (each
+    takes milliseconds to create; they boot side by side)."""
+    for spec, env, cwd, stacks_path in requests:
+        launched(spawn_rank(spec, env, cwd, stacks_path))

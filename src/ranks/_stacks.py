@@ -19,14 +19,15 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-# Frames of ranks' own code on a rank: its entry point, the template that forked it, and
-# the `python -c` line that started it.
-_OUR_FILES = ("ranks/_worker.py", "ranks/_template.py", 'File "<string>"')
+# Frames of ranks' own code on a rank: its entry point, the call it runs, the template that
+# forked it, and the `python -c` line that started it.
+_OUR_FILES = ("ranks/_worker.py", "ranks/_rank_call.py", "ranks/_template.py",
+              'File "<string>"')
 # Threads that are ranks' own: the control-channel reader, the lifeline (portable start).
 _OUR_THREADS = {"_read_commands", "_follow_parent"}
 # A rank's main thread in none of these functions is between calls, in ranks' own code
 # (waiting for a command, flushing, starting its control thread): idle.
-_BUSY = {"_execute", "_set_up_devices", "_tear_down"}
+_BUSY = {"execute", "_set_up_devices", "_tear_down"}
 _FRAME = re.compile(r'^\s*File "(?P<file>.*)", line (?:\d+|\?\?\?) in (?P<function>.*)$')
 
 IDLE = "idle (waiting for the next call)"

@@ -8,7 +8,7 @@ wakes no wait. It runs in the thread that
 made the call, which is why ipykernel files the ranks' output under the calling cell.
 
 Stopping a rank escalates, each step after a short grace and only if the rank is still
-running:
+running (the policy, its deadlines and graces are ``_escalation``'s; this module sends):
 
     SIGINT to the rank (its ``finally`` blocks and ``except KeyboardInterrupt`` run)
       --> SIGTERM to its process group --> SIGKILL to its process group
@@ -34,8 +34,9 @@ are.
 Stacks can also be asked for from any thread while a call runs (:meth:`Supervisor.stacks`,
 behind ``World.stacks()``): the rank dumps them without stopping (``_stacks``).
 
-What a wait ends with is an :class:`Outcome` per rank; ``_report`` turns those into the
-exception the cell shows.
+What a wait ends with is an :class:`Outcome` per rank (``_attribution`` says which is the
+cause); ``_report`` turns those into the exception the cell shows. An interrupt of the
+kernel wakes the wait through ``_wakeup``.
 """
 
 from __future__ import annotations
@@ -46,16 +47,24 @@ import itertools
 import logging
 import os
 import signal
-import socket
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from . import _notebook, _protocol, _runtime_dir
+from . import _attribution, _notebook, _protocol, _runtime_dir
+from ._attribution import Outcome
 from ._descendants import TRACKER_WAIT, end_processes
 from ._errors import RankCrashed, RanksTimeout
+from ._escalation import (
+    FAILURE_INTERRUPT_GRACE,
+    FORCE,
+    INTERRUPT_GRACE,
+    KILL_GRACE,
+    TERMINATE,
+    Escalation,
+    Send,
+)
 from ._output import OutputRouter, Sink, TerminalSink, new_log_dir
 from ._placement import RankSpec
 from ._protocol import (
@@ -72,21 +81,12 @@ from ._protocol import (
 )
 from ._spawn import KILL, OutputStream, RankProcess, ready_among
 from ._stacks import ENDED, ThreadStack, parse_dump, rank_text
-from ._template import launch_ranks, prestart, settle_closed_templates
+from ._start import launch_ranks, prestart
+from ._template import settle_closed_templates
+from ._wakeup import InterruptWakeup
 
 log = logging.getLogger("ranks")
 
-# Seconds a rank gets at each step of being stopped. After SIGINT, a rank whose Python
-# code runs the handler says so at once (Interrupted); one that does not is blocked in C
-# code, almost always a collective that will never return, and gets SIGTERM after
-# INTERRUPT_GRACE, or after FAILURE_INTERRUPT_GRACE when a peer's failure is why it is
-# stopped (then speed matters most: the cell waits for it). A rank that took the interrupt
-# gets RESPOND_GRACE to run its `finally` blocks and answer.
-INTERRUPT_GRACE = 1.0
-FAILURE_INTERRUPT_GRACE = 0.2
-RESPOND_GRACE = 5.0
-TERMINATE_GRACE = 1.0
-KILL_GRACE = 5.0
 CLOSE_GRACE = 10.0  # a clean Close destroys process groups and flushes; give it time
 # faulthandler says nothing when a dump is complete: it gets STACK_DUMP_WAIT, and a rank
 # whose dump has not begun by then (a loaded machine) up to STACK_DUMP_PATIENCE more.
@@ -104,37 +104,10 @@ NO_FRONTEND_NOTE = (
 # thread relays that output (see _catch_up_output). A rank whose user code closed or
 # redirected its fd 1 or 2 waits it out once; the marks are then taken as read.
 OUTPUT_CATCH_UP = 1.0
-# A death is seen late: a dying rank's sockets close at once, so a peer blocked in a
-# collective with it raises (Gloo: "Connection closed by peer") and reports, often before
-# the kernel has even read the EOF on the dead rank's channel (2-10 ms here). A death
-# therefore counts as up to this much earlier than seen, so that it, not its echo, is the
-# cause. (A rank that reacts to our SIGINT by exiting faster than this is mistaken for a
-# cause too; one killed by the very signal we sent never is.)
-DEATH_SEEN_LATE = 0.1
-_ESCALATION = (
-    (signal.SIGINT, INTERRUPT_GRACE),
-    (signal.SIGTERM, TERMINATE_GRACE),
-    (KILL, KILL_GRACE),
-)
 _READ_CHUNK = 1 << 16
 # Chunks read from one pipe per wake-up: a rank that writes faster than the kernel routes
 # must not keep the kernel in one read loop, away from deadlines and the other ranks.
 _READS_PER_WAKE = 16
-
-
-@dataclass
-class Outcome:
-    """How one rank ended one wait: a reply, or the death of the process."""
-
-    rank: int
-    reply: Done | Failed | Ready | None = None
-    crash: RankCrashed | None = None
-    stopped_by: str | None = None  # the last signal we sent it, if we had to stop it
-    at: float = 0.0  # when it ended, time.monotonic() (a death: the earliest it may have)
-
-    @property
-    def ok(self) -> bool:
-        return isinstance(self.reply, (Done, Ready))
 
 
 @dataclass
@@ -149,33 +122,26 @@ class WaitResult:
 class Supervisor:
     """Owns the processes of one World; every method runs in the calling thread."""
 
-    def __init__(self, specs: list[RankSpec], envs: Mapping[int, Mapping[str, str]], cwd: str):
+    def __init__(self, specs: list[RankSpec], cwd: str):
         self.specs = specs
-        self._envs = envs
         self._cwd = cwd
         self._procs: dict[int, RankProcess] = {}
-        self._escalating: dict[int, tuple[int, float]] = {}  # rank -> (next step, when)
-        self._signalled: dict[int, tuple[str, float]] = {}  # rank -> (last signal, when)
+        self._escalation = Escalation()
         self._hung_up: dict[int, float] = {}  # rank -> when its control channel hit EOF
         self._call_ids = itertools.count(1)
         self._shown: Callable[[int], bool] = lambda rank: True
         self.router = OutputRouter(new_log_dir(), _make_sink)
         self._tmpdir = _runtime_dir.new_dir("tmp-")
         try:
-            # See _interrupts_as_messages. A socket pair, not a pipe: Windows waits on
-            # sockets only.
-            self._interrupt_pipe = socket.socketpair()
+            self._wakeup = InterruptWakeup()
         except BaseException:  # (EMFILE) no World, so no close() that would remove it
             _runtime_dir.remove_dir(self._tmpdir, ())
             raise
-        for end in self._interrupt_pipe:
-            end.setblocking(False)
         self._interrupts_seen = 0
         # While an interrupted call's ranks are stopped: the stacks of those forced so far.
         self._hung: dict[int, tuple[ThreadStack, ...]] | None = None
         self._stacks_lock = threading.Lock()  # one dump at a time: they share the files
         self._closed = False
-        self._first_step = 0  # of the escalation, in the current wait: see the docstring
         self._prompts: dict[int, DebugPrompt] = {}  # rank -> the line its pdb waits for
         self._debugging: tuple[int, float] | None = None  # rank asked last, when answered
         self._no_frontend = False  # found during this call: answer every prompt at once
@@ -184,12 +150,14 @@ class Supervisor:
 
     def start(
         self,
+        envs: Mapping[int, Mapping[str, str]],
         init_for: Callable[[RankSpec], Init],
         timeout: float | None,
         shown: Callable[[int], bool],
         started: float | None = None,
     ) -> WaitResult:
-        """Start every rank and wait until each is Ready (or one fails: then stop the rest).
+        """Start every rank with its environment in ``envs`` and wait until each is Ready
+        (or one fails: then stop the rest).
 
         ``timeout`` counts from ``started`` (default: now) and covers launching too.
         """
@@ -197,7 +165,7 @@ class Supervisor:
         deadline = None if timeout is None else started + timeout
         self._shown = shown
         requests = [
-            (spec, self._envs[spec.rank], self._cwd, self._stacks_path(spec.rank))
+            (spec, envs[spec.rank], self._cwd, self._stacks_path(spec.rank))
             for spec in self.specs
         ]
 
@@ -234,7 +202,7 @@ class Supervisor:
         self._closed = True
         interrupted = False
         try:
-            with self._interrupts_as_messages():
+            with self._wakeup.catching():
                 self._drain()  # no call is bound: what ranks wrote since the last, to the logs
                 interrupted = self._close_ranks()
         except KeyboardInterrupt:  # where our handler could not be installed
@@ -258,8 +226,7 @@ class Supervisor:
                 self.router.close()  # out of fds (EMFILE) a log may fail to open here
             finally:
                 _runtime_dir.remove_dir(self._tmpdir, self._tmp_names())
-                for end in self._interrupt_pipe:
-                    end.close()
+                self._wakeup.close()
                 settle_closed_templates()
         if interrupted:
             raise KeyboardInterrupt
@@ -281,7 +248,7 @@ class Supervisor:
             if deadline is not None and time.monotonic() >= deadline:
                 log.info("ranks %s did not exit %.0f s after Close; terminating them",
                          sorted(waiting), CLOSE_GRACE)
-                self._escalate(waiting, first_step=1)
+                self._escalate(waiting, first_step=TERMINATE)
                 deadline = None  # from here the escalation's own timers wake the wait
             try:
                 self._pump(waiting, None, deadline, {})
@@ -291,7 +258,7 @@ class Supervisor:
                 # Interrupted while closing: no more patience, but still no leftovers.
                 self._interrupts_seen = 0
                 interrupted = True
-                self._escalate(waiting, first_step=2)
+                self._escalate(waiting, first_step=FORCE)
         return interrupted
 
     def kill(self) -> None:
@@ -314,6 +281,14 @@ class Supervisor:
 
     def log_path(self, rank: int) -> str:
         return self.router.log_path(rank)
+
+    @property
+    def log_dir(self) -> str:
+        return self.router.log_dir
+
+    def keep_logs(self) -> None:
+        """Keep the logs after close (an error points at them)."""
+        self.router.keep()
 
     @property
     def pids(self) -> dict[int, int]:
@@ -356,7 +331,7 @@ class Supervisor:
         called = [self._procs[rank] for rank in payloads]
         if any(proc.output_before_call() for proc in called):  # only a portable rank's
             try:
-                with self._interrupts_as_messages():
+                with self._wakeup.catching():
                     self._await_call_starts(called)
             except KeyboardInterrupt:  # the call is running: _wait stops it as it should
                 self._interrupts_seen += 1
@@ -385,10 +360,9 @@ class Supervisor:
         outcomes: dict[int, Outcome] = {}
         interrupted = False
         timed_out: RanksTimeout | None = None
-        self._signalled.clear()
-        self._first_step = 1 if expect is Ready else 0
+        self._escalation.begin(starting=expect is Ready)
         self._hung = None
-        with self._interrupts_as_messages():
+        with self._wakeup.catching():
             while pending:
                 if deadline is not None and timed_out is None and time.monotonic() >= deadline:
                     timed_out = self._time_out(pending, timeout or 0.0)
@@ -403,12 +377,12 @@ class Supervisor:
                     self._interrupts_seen -= 1
                     if self._hung is None:
                         self._hung = {}  # from now on a forced rank's stacks are kept
-                    self._escalate(pending, first_step=2 if interrupted else 0)
+                    self._escalate(pending, first_step=FORCE if interrupted else 0)
                     interrupted = True
                 self._stop_on_failure(pending, outcomes)
                 if self._prompts and not interrupted and timed_out is None:
                     self._serve_prompt(pending, deadline)
-        self._escalating.clear()
+        self._escalation.end()
         self._prompts.clear()  # of ranks that were stopped: their pdb is gone
         self._debugging = None
         self._no_frontend = False
@@ -422,37 +396,6 @@ class Supervisor:
             # One rank failed: stop the others at once.
             self._escalate(pending, interrupt_grace=FAILURE_INTERRUPT_GRACE)
 
-    @contextlib.contextmanager
-    def _interrupts_as_messages(self) -> Iterator[None]:
-        """While waiting, an interrupt of the kernel becomes a byte on our pipe.
-
-        Raised as KeyboardInterrupt it could land anywhere in the wait: between reading a
-        rank's output and showing it, or in the middle of a reply, and lose either. The
-        handler (installed only over Python's default one, in the main thread, and put back
-        after) just writes the byte; the wait loop takes it like any other event.
-        """
-        if (threading.current_thread() is not threading.main_thread()
-                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-            yield
-            return
-        write_end = self._interrupt_pipe[1]
-
-        def note_interrupt(signum: int, frame: object) -> None:
-            with contextlib.suppress(OSError):
-                write_end.send(b"!")
-
-        previous = signal.signal(signal.SIGINT, note_interrupt)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-            # An interrupt after the wait's last look is the user's all the same.
-            late = b""
-            with contextlib.suppress(BlockingIOError):
-                late = self._interrupt_pipe[0].recv(64)
-            if late and sys.exc_info()[0] is None:
-                raise KeyboardInterrupt
-
     def _pump(
         self,
         pending: set[int],
@@ -462,16 +405,16 @@ class Supervisor:
         during: str = "closing",
     ) -> None:
         """Wait once for anything from any rank (or a timer) and handle what arrived."""
+        self._advance_escalation(pending, outcomes)
         now = time.monotonic()
-        self._advance_escalation(now, pending, outcomes)
         wake = [deadline] if deadline is not None else []
-        wake += [when for _, when in self._escalating.values()]
+        wake += self._escalation.wake_times()
         due = self.router.due()  # a progress display that held back a redraw
         if due is not None:
             wake.append(due)
         timeout = min(max(0.0, min(wake) - now), INTERRUPT_POLL) if wake else INTERRUPT_POLL
         sources: dict[object, tuple[str, RankProcess | None, OutputStream | None]] = {
-            self._interrupt_pipe[0]: ("interrupt", None, None),
+            self._wakeup.waitable: ("interrupt", None, None),
         }
         for proc in self._procs.values():
             rank = proc.spec.rank
@@ -491,8 +434,7 @@ class Supervisor:
         for key in sorted(ready, key=lambda k: sources[k][0] != "output"):
             kind, source, stream = sources[key]
             if kind == "interrupt":
-                with contextlib.suppress(BlockingIOError):
-                    self._interrupts_seen += len(self._interrupt_pipe[0].recv(64))
+                self._interrupts_seen += self._wakeup.take()
                 continue
             assert source is not None
             proc = source
@@ -509,7 +451,7 @@ class Supervisor:
                 if proc.spec.rank in pending:
                     pending.discard(proc.spec.rank)
                     self._record_death(proc, outcomes, during)
-                self._escalating.pop(proc.spec.rank, None)
+                self._escalation.settled(proc.spec.rank)
         self.router.flush()
 
     def _drain(self) -> None:
@@ -556,7 +498,7 @@ class Supervisor:
                 if isinstance(message, (Ready, Done, Failed, DebugPrompt)):
                     self._catch_up_output(proc)
                 if isinstance(message, Interrupted):
-                    self._responding(rank, message.in_user_code)
+                    self._escalation.responding(rank, message.in_user_code)
                     continue
                 if isinstance(message, DebugPrompt):
                     self._prompts[rank] = message
@@ -567,11 +509,10 @@ class Supervisor:
                 answers = isinstance(message, (kind, Failed))
                 if answers and getattr(message, "call_id", call_id) == call_id:
                     pending.discard(rank)
-                    self._escalating.pop(rank, None)
-                    at = message.at if isinstance(message, Failed) else time.monotonic()
+                    self._escalation.settled(rank)
                     assert isinstance(message, (Done, Failed, Ready)), message
-                    stopped_by = self._stopped_by(rank, at)
-                    outcomes[rank] = Outcome(rank, reply=message, stopped_by=stopped_by, at=at)
+                    outcomes[rank] = _attribution.answered(
+                        rank, message, time.monotonic(), self._escalation)
         except (EOFError, OSError):
             # The rank is dying. Its sentinel says how only later (the template reports
             # after reaping it); the EOF is the closest the kernel sees to when it died.
@@ -621,7 +562,7 @@ class Supervisor:
 
     def _serve_prompt(self, pending: set[int], deadline: float | None) -> None:
         """Ask the user for the line that one rank's pdb waits for, and send it there."""
-        askable = [r for r in self._prompts if r in pending and r not in self._escalating]
+        askable = [r for r in self._prompts if r in pending and r not in self._escalation]
         if not askable:
             return
         rank = askable[0]  # the one that asked first
@@ -657,8 +598,7 @@ class Supervisor:
         deadline interrupts it the same way, from a timer (main thread only: an interrupt
         goes there).
         """
-        with contextlib.suppress(BlockingIOError):  # interrupted before we got here
-            self._interrupts_seen += len(self._interrupt_pipe[0].recv(64))
+        self._interrupts_seen += self._wakeup.take()  # interrupted before we got here
         if self._interrupts_seen:
             raise _NotAnswered
         in_main = threading.current_thread() is threading.main_thread()
@@ -698,89 +638,45 @@ class Supervisor:
             rank, proc.pid, proc.reap(), proc.spec.describe(), self.router.tail(rank), during,
             self.router.written_log(rank),
         )
-        at = self._hung_up.get(rank, time.monotonic()) - DEATH_SEEN_LATE
-        stopped_by = self._stopped_by(rank, at)
-        signalled = self._signalled.get(rank)
-        if signalled is not None and crash.signal_name == signalled[0]:
-            stopped_by = signalled[0]  # killed by the signal we sent: ours, however fast
-        outcomes[rank] = Outcome(rank, crash=crash, stopped_by=stopped_by, at=at)
-
-    def _stopped_by(self, rank: int, at: float) -> str | None:
-        """The signal we sent before the rank failed at ``at``: its failure is our doing."""
-        signalled = self._signalled.get(rank)
-        return signalled[0] if signalled is not None and signalled[1] <= at else None
+        seen = self._hung_up.get(rank, time.monotonic())
+        outcomes[rank] = _attribution.died(crash, seen, self._escalation)
 
     # --- stopping ----------------------------------------------------------------------
 
     def _escalate(
-        self, ranks: Iterable[int], first_step: int = 0, interrupt_grace: float = INTERRUPT_GRACE
+        self, ranks: Iterable[int], first_step: int = 0,
+        interrupt_grace: float = INTERRUPT_GRACE,
     ) -> None:
-        """Start (or speed up) stopping these ranks, beginning at ``_ESCALATION[first_step]``."""
+        """Start (or speed up) stopping these ranks at ``first_step`` (see ``_escalation``)."""
         ranks = list(ranks)
         if first_step > 0:
             self._note_hung(ranks)
-        now = time.monotonic()
-        first_step = max(first_step, self._first_step)
-        for rank in ranks:
-            step, _ = self._escalating.get(rank, (0, now))
-            if rank in self._escalating and step > first_step:
-                continue  # already further along
-            self._send_step(rank, first_step, now)
-            if first_step == 0:
-                self._escalating[rank] = (1, now + interrupt_grace)
+        self._send(self._escalation.escalate(ranks, first_step, interrupt_grace))
 
-    def _responding(self, rank: int, in_user_code: bool) -> None:
-        """The rank took our SIGINT: give it time to run the user's cleanup and answer.
-
-        Taken outside the user's code (the rank is formatting an error, idle), ranks' own
-        code answers by itself: the usual grace is enough.
-        """
-        step, _ = self._escalating.get(rank, (0, 0.0))
-        if step == 1:  # SIGINT was the last step sent
-            grace = RESPOND_GRACE if in_user_code else INTERRUPT_GRACE
-            self._escalating[rank] = (1, time.monotonic() + grace)
-
-    def _advance_escalation(
-        self, now: float, pending: set[int], outcomes: dict[int, Outcome]
-    ) -> None:
-        forced = [rank for rank, (step, when) in self._escalating.items()
-                  if rank in pending and now >= when and 0 < step < len(_ESCALATION)]
-        if self._note_hung(forced):
+    def _advance_escalation(self, pending: set[int], outcomes: dict[int, Outcome]) -> None:
+        """Send the steps that fell due; a rank that survived SIGKILL is given up on."""
+        if self._note_hung(self._escalation.due_to_be_forced(pending)):
             return  # the dump took a while: first read who answered meanwhile
-        for rank, (step, when) in list(self._escalating.items()):
-            if rank not in pending:
-                del self._escalating[rank]
-            elif now >= when:
-                if step < len(_ESCALATION):
-                    log.info("rank %d still running %.1f s after %s; escalating",
-                             rank, _ESCALATION[step - 1][1], _ESCALATION[step - 1][0].name)
-                    self._send_step(rank, step, now)
-                else:
-                    # SIGKILL did not end it (a process stuck in the GPU driver can do that):
-                    # stop waiting so the kernel is not held hostage.
-                    log.warning("rank %d survived SIGKILL for %.0f s; giving up on it",
-                                rank, KILL_GRACE)
-                    del self._escalating[rank]
-                    pending.discard(rank)
-                    proc = self._procs[rank]
-                    outcomes[rank] = Outcome(
-                        rank,
-                        crash=RankCrashed(rank, proc.pid, None, proc.spec.describe(),
-                                          self.router.tail(rank), "being stopped",
-                                          self.router.written_log(rank)),
-                        stopped_by="SIGKILL", at=now,
-                    )
+        sends, given_up = self._escalation.advance(pending)
+        self._send(sends)
+        for rank in given_up:
+            pending.discard(rank)
+            proc = self._procs[rank]
+            outcomes[rank] = Outcome(
+                rank,
+                crash=RankCrashed(rank, proc.pid, None, proc.spec.describe(),
+                                  self.router.tail(rank), "being stopped",
+                                  self.router.written_log(rank)),
+                stopped_by="SIGKILL", at=time.monotonic(),
+            )
 
-    def _send_step(self, rank: int, step: int, now: float) -> None:
-        signum, grace = _ESCALATION[step]
-        proc = self._procs[rank]
-        if signum == signal.SIGINT:
-            proc.interrupt()  # an interrupt is for the rank's main thread
-        else:
-            proc.signal_tree(signum)  # the whole tree: DataLoader workers too
-        self._signalled.setdefault(rank, (signum.name, now))
-        self._signalled[rank] = (signum.name, self._signalled[rank][1])
-        self._escalating[rank] = (step + 1, now + grace)
+    def _send(self, sends: list[Send]) -> None:
+        for send in sends:
+            proc = self._procs[send.rank]
+            if send.signum == signal.SIGINT:
+                proc.interrupt()  # an interrupt is for the rank's main thread
+            else:
+                proc.signal_tree(send.signum)  # the whole tree: DataLoader workers too
 
     def _time_out(self, pending: set[int], timeout: float) -> RanksTimeout:
         """Ask each running rank for its Python stack (faulthandler), then build the error."""

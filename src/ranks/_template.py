@@ -9,27 +9,21 @@ request. A rank forked from it starts with torch imported and no CUDA state.
 
     kernel (Template)                              template process (serve)
       | spawn: python -c ...; pdeathsig, own session |
-      | <-------------------- ("ready", report) --- |  after preloading and the CUDA check
-      | -- ("fork", env, cwd) + fds [ctrl, out, err] -> fork(): the child becomes a rank
-      | <------------- ("forked", pid) + fd [exit] -- |  exit pipe: the child's wait status
-      | -- ("preload", module names) --------------> |  the notebook's newer imports
-      | -- close (EOF) ----------------------------> |  exits once its ranks are gone
+      | <--------------------- TemplateReady ------ |  after preloading and the CUDA check
+      | -- Fork + fds [ctrl, out, err] -----------> |  fork(): the child becomes a rank
+      | <-------------- Forked (pid) + fd [exit] -- |  exit pipe: the child's wait status
+      | -- Configure, Preload (module names) -----> |  the notebook's newer imports
+      | -- close (EOF) ---------------------------> |  exits once its ranks are gone
+
+The messages are ``_template_protocol``'s.
 
 One template per kernel, started at ``%load_ext ranks`` or once the first call's ranks are
 up (``prestart``), never at import, closed at interpreter exit. No call waits for it to
 start: until it is ready, ranks are spawned (``get_template``). It preloads what the kernel
 imported, not what is installed. It dies with the kernel (a pidfd on the kernel, else the
-parent-death signal; and EOF on its socket). Linux only. ``start_method`` picks how ranks start:
+parent-death signal; and EOF on its socket). Linux only: this is the start method
+``template``, one of those ``_start`` chooses from.
 
-    template   Linux's default: forked from the template
-    spawn      Linux's fallback: a fresh interpreter given its fds (``_spawn``)
-    portable   the default elsewhere (Windows, macOS): a fresh interpreter connected back
-               over loopback (``_portable``)
-
-``RANKS_START_METHOD`` chooses another where the system allows it (portable: all of them;
-spawn: POSIX). macOS takes the portable start although spawn would work there: spawn
-without Linux's pidfd and watcher process runs nowhere in the test suite, while the
-portable start runs in it on Linux and on Windows.
 A preload that would initialise CUDA or start a thread is dropped, logged, and the
 template restarted without it: fork is only safe from a single-threaded, CUDA-free process.
 
@@ -70,13 +64,13 @@ from multiprocessing.connection import wait
 from typing import Any
 
 from . import _runtime_dir
+from . import _template_protocol as messages
 from ._backoff import Backoff
 from ._descendants import adopt_orphans, end_processes
 from ._errors import TEMPLATE_ENDED
 from ._lifeline import watch_parent
 from ._notebook import kernel_environment
 from ._placement import RankSpec
-from ._portable import PortableStart
 from ._spawn import (
     PACKAGE_PARENT,
     RankEnds,
@@ -85,10 +79,10 @@ from ._spawn import (
     interrupt_held,
     spawn_rank,
 )
+from ._start import Request
 
 log = logging.getLogger("ranks")
 
-START_METHOD_VARIABLE = "RANKS_START_METHOD"
 READY_TIMEOUT = 180.0  # importing torch on a cold disk can take a while
 # What the template imports is what the kernel imported (``_kernel_modules``), never a
 # library merely because it is installed: a notebook without torch gets a template, and
@@ -104,27 +98,11 @@ NEVER_PRELOAD = frozenset({
     "jedi", "parso", "pexpect", "ptyprocess", "pickleshare", "nest_asyncio", "anyio",
     "ranks", "psutil", "pytest", "_pytest", "pluggy", "wandb", "tensorboard", "ray",
 })
-_MAX_MESSAGE = 1 << 22
 _BOOT = (
     "import sys; sys.path.append({parent!r}); "
     "from ranks._template import serve; serve(sys.argv[1:])"
 )
 
-
-def start_method() -> str:
-    """``"template"``, ``"spawn"`` or ``"portable"``: see the module's docstring."""
-    default = "template" if _can_fork() else "portable"
-    chosen = os.environ.get(START_METHOD_VARIABLE, "").strip().lower()
-    if chosen == "portable" or (chosen == "spawn" and os.name == "posix"):
-        return chosen
-    if chosen and chosen != "template":
-        log.warning("%s=%r is not 'template', 'spawn' or 'portable'; using the default",
-                    START_METHOD_VARIABLE, chosen)
-    return default
-
-
-def _can_fork() -> bool:
-    return sys.platform.startswith("linux") and hasattr(socket, "send_fds")
 
 
 # --- kernel side -------------------------------------------------------------------------
@@ -196,9 +174,9 @@ class Template:
         if self._ready:
             return
         reply, _ = self._recv(deadline, f"did not start in {READY_TIMEOUT:g} s")
-        if reply[0] != "ready":
-            raise RuntimeError(f"the ranks template failed to start: {reply[1]}")
-        self.report = reply[1]
+        if not isinstance(reply, messages.TemplateReady):
+            raise RuntimeError(f"the ranks template failed to start: {reply}")
+        self.report = dict(reply.report)
         for module, why in self.report.get("skipped", {}).items():
             log.info("ranks template: not preloading %s (%s)", module, why)
         self._ready = True
@@ -218,14 +196,15 @@ class Template:
             # The template imports them from the kernel's folder and sys.path as they are now,
             # and under its environment: a module that reads a variable at import gets the
             # value the kernel's import got.
-            config = ("config", list(sys.path), os.getcwd())
+            where = (tuple(sys.path), os.getcwd())
             try:
-                self._send((*config, kernel_environment()))
+                self._send(messages.Configure(*where, kernel_environment()))
             except OSError as error:
                 if error.errno != errno.EMSGSIZE:
                     raise
-                self._send((*config, None))  # too large (see fork_rank): keep the one it has
-            self._send(("preload", new))
+                # Too large (see fork_rank): it keeps the environment it has.
+                self._send(messages.Configure(*where, None))
+            self._send(messages.Preload(tuple(new)))
 
     def stale(self) -> bool:
         """Has a notebook module it imported changed on disk (an edit, a reload), or a
@@ -243,9 +222,9 @@ class Template:
             raise TimeoutError("no time left to fork a rank")
         with RankEnds() as ends:
             sent = False
+            request = messages.Fork(dict(env), cwd, stacks_path)
             try:
-                request = pickle.dumps(("fork", dict(env), cwd, stacks_path))
-                socket.send_fds(self._sock, [request], list(ends.child_fds))
+                messages.send(self._sock, request, ends.child_fds)
                 sent = True
                 # A request sent is answered at once (the template is ready): a reply a
                 # little past the deadline is still worth taking, rather than giving the
@@ -256,9 +235,9 @@ class Template:
                 if not sent and error.errno == errno.EMSGSIZE:
                     # Larger than the socket's send buffer (net.core.wmem_default, 208 KiB
                     # by default): the environment, mostly. Nothing was sent: still in step.
+                    size = len(pickle.dumps(request))
                     raise TooLargeToFork(f"the rank's environment is too large to send to"
-                                         f" the ranks template ({len(request)} bytes)"
-                                         ) from error
+                                         f" the ranks template ({size} bytes)") from error
                 self.close()
                 raise
             except BaseException:
@@ -266,9 +245,9 @@ class Template:
                 # reply would answer our next request. Nobody uses this template again.
                 self.close()
                 raise
-            if reply[0] == "poisoned":
-                raise TemplateUnsafe(reply[1], reply[2])
-            if reply[0] != "forked" or len(fds) != 1:
+            if isinstance(reply, messages.Poisoned):
+                raise TemplateUnsafe(reply.module, reply.why)
+            if not isinstance(reply, messages.Forked) or len(fds) != 1:
                 raise RuntimeError(f"the ranks template could not fork a rank: {reply}")
             exit_read = fds[0]
             self.live_ranks += 1
@@ -277,7 +256,7 @@ class Template:
                 self.live_ranks -= 1
                 return _read_status(exit_read)
 
-            return ends.handle(spec, reply[1], exit_read, stacks_path, collect_status)
+            return ends.handle(spec, reply.pid, exit_read, stacks_path, collect_status)
 
     def close(self) -> None:
         """Let the template go: it exits once the ranks it forked have exited."""
@@ -285,10 +264,12 @@ class Template:
         with contextlib.suppress(OSError):
             self._sock.close()
 
-    def _send(self, message: tuple[Any, ...]) -> None:
-        self._sock.send(pickle.dumps(message))
+    def _send(self, message: messages.ToTemplate) -> None:
+        messages.send(self._sock, message)
 
-    def _recv(self, deadline: float | None, late: str) -> tuple[tuple[Any, ...], list[int]]:
+    def _recv(
+        self, deadline: float | None, late: str
+    ) -> tuple[messages.ToKernel | messages.ToTemplate, list[int]]:
         """The next reply. TimeoutError when the caller's ``deadline`` passes first (the
         template may still answer later); RuntimeError when it does not answer at all."""
         ours = time.monotonic() + READY_TIMEOUT
@@ -298,10 +279,10 @@ class Template:
                 raise TimeoutError(f"the ranks template {late}")
             raise RuntimeError(f"the ranks template did not answer in {READY_TIMEOUT:g} s"
                                f" (its log: {self.log_path})")
-        data, fds, _, _ = socket.recv_fds(self._sock, _MAX_MESSAGE, 4)
-        if not data:
+        reply, fds = messages.recv(self._sock)
+        if reply is None:
             raise RuntimeError(f"the ranks template exited (its log: {self.log_path})")
-        return pickle.loads(data), fds
+        return reply, fds
 
 
 # Variables (by prefix) read once, when an interpreter starts or a library the template
@@ -461,17 +442,12 @@ _retry = Backoff()  # after failures that may pass
 _lock = threading.RLock()  # Worlds may start from several threads; the template is one
 
 
-def launch_ranks(
-    requests: Sequence[tuple[RankSpec, Mapping[str, str], str, str]],
-    deadline: float | None,
-    launched: Callable[[RankProcess], None],
+def launch(
+    requests: Sequence[Request], deadline: float | None, launched: Callable[[RankProcess], None],
 ) -> None:
-    """Start ranks (spec, env, cwd, stacks_path) the fastest safe way ``start_method``
-    allows: forked from the template, else spawned, or the portable start; hand each to
-    ``launched`` as soon as it runs. TimeoutError when ``deadline`` passes first."""
-    if start_method() == "portable":
-        _launch_portable(requests, deadline, launched)
-        return
+    """Start ranks forked from the template, or spawned where it cannot fork (see the
+    module's docstring); hand each to ``launched`` as soon as it runs. TimeoutError when
+    ``deadline`` passes first."""
     wait_for_lock = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
     if not _lock.acquire(timeout=wait_for_lock):
         raise TimeoutError("another thread was starting ranks")
@@ -504,30 +480,6 @@ def launch_ranks(
             launched(process)
     finally:
         _lock.release()
-
-
-def _launch_portable(
-    requests: Sequence[tuple[RankSpec, Mapping[str, str], str, str]],
-    deadline: float | None,
-    launched: Callable[[RankProcess], None],
-) -> None:
-    """Start every rank, then take their connections: they boot side by side."""
-    starts: list[PortableStart] = []
-    try:
-        for spec, env, cwd, stacks_path in requests:
-            starts.append(PortableStart(spec, env, cwd, stacks_path))
-    except BaseException:
-        for start in starts:
-            start.kill()
-        raise
-    for index, start in enumerate(starts):
-        try:
-            # connect() ends its own rank when it fails; the caller those it was given.
-            launched(start.connect(deadline))
-        except BaseException:
-            for later in starts[index + 1:]:
-                later.kill()
-            raise
 
 
 def _forget_or_give_up(unsafe: TemplateUnsafe) -> None:
@@ -564,7 +516,7 @@ def _recovered() -> None:
 def _usable_template(deadline: float | None) -> Template | None:
     """The template to fork from, or None for spawn: while the back-off runs after a failure,
     while a replacement starts, or when its start fails (twice, if the call waited for it)."""
-    if start_method() != "template" or _unavailable is not None:
+    if _unavailable is not None:
         return None
     if (_template is None or not _template.alive) and not _retry.allows(time.monotonic()):
         return None
@@ -614,7 +566,7 @@ def prestart() -> None:
     ranks``, and each start of ranks once they are up: see ``get_template``)."""
     global _template
     with _lock:
-        if (start_method() != "template" or _unavailable is not None or _template is not None
+        if (_unavailable is not None or _template is not None
                 or not _retry.allows(time.monotonic())):
             return
         _register_exit_hook()
@@ -661,7 +613,7 @@ def serve(argv: list[str]) -> None:
     ready_sent = False
     closing = False
     leftovers = False  # a rank ended: what it left came to us, to be ended once we are idle
-    poisoned: tuple[str, str] | None = None  # (module, why) once forking became unsafe
+    poisoned: messages.Poisoned | None = None  # once forking became unsafe
     while not (closing and not children):
         watched: list[int | socket.socket] = [wake_read, *kernel_fds, *([] if closing else [sock])]
         readable, _, _ = select.select(watched, [], [], SWEEP_DELAY if leftovers else None)
@@ -676,54 +628,52 @@ def serve(argv: list[str]) -> None:
             leftovers = _reap(children) or leftovers
         if sock in readable:
             try:
-                data, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 4)
+                message, fds = messages.recv(sock)
             except OSError:
-                data, fds = b"", []
-            if not data:
+                message, fds = None, []
+            if message is None:
                 closing = True  # the kernel let go: leave once our ranks are gone
                 continue
-            message = pickle.loads(data)
-            if message[0] == "config":
-                _, sys_path, cwd, env = message
-                sys.path[:] = sys_path
+            if isinstance(message, messages.Configure):
+                sys.path[:] = message.sys_path
                 with contextlib.suppress(OSError):
-                    os.chdir(cwd)
-                if env is not None:
+                    os.chdir(message.cwd)
+                if message.environment is not None:
                     os.environ.clear()
-                    os.environ.update(env)
-            elif message[0] == "preload" and poisoned is None:
-                report = _preload(message[1])
+                    os.environ.update(message.environment)
+            elif isinstance(message, messages.Preload) and poisoned is None:
+                report = _preload(message.modules)
                 if report.get("poisoned"):
-                    poisoned = (report["poisoned"], report["why"])
+                    poisoned = messages.Poisoned(report["poisoned"], report["why"])
                 if not ready_sent:
-                    closing = closing or not _answer(sock, ("ready", report))
+                    closing = closing or not _answer(sock, messages.TemplateReady(report))
                     ready_sent = True
-            elif message[0] == "fork" and poisoned is not None:
+            elif isinstance(message, messages.Fork) and poisoned is not None:
                 # Never fork from an unsafe process; keep serving our ranks until they end.
                 for fd in fds:
                     os.close(fd)
-                closing = closing or not _answer(sock, ("poisoned", *poisoned))
-            elif message[0] == "fork":
+                closing = closing or not _answer(sock, poisoned)
+            elif isinstance(message, messages.Fork):
                 ours = (wake_read, wake_write, *kernel_fds)
                 pid, exit_read = _fork_rank(message, fds, sock, children, ours)
                 # The kernel may have given up on this request (a timeout, an interrupt) and
                 # closed its end: then we keep serving the ranks we have until they end.
-                closing = closing or not _answer(sock, ("forked", pid), [exit_read])
+                closing = closing or not _answer(sock, messages.Forked(pid), [exit_read])
                 os.close(exit_read)
     if leftovers:
         _end_leftovers(children)
 
 
-def _answer(sock: socket.socket, message: tuple[Any, ...], fds: Sequence[int] = ()) -> bool:
+def _answer(sock: socket.socket, message: messages.ToKernel, fds: Sequence[int] = ()) -> bool:
     """Reply to the kernel; False when it has closed its end."""
     try:
-        socket.send_fds(sock, [pickle.dumps(message)], list(fds))
+        messages.send(sock, message, fds)
     except OSError:
         return False
     return True
 
 
-def _preload(modules: list[str]) -> dict[str, Any]:
+def _preload(modules: Iterable[str]) -> dict[str, Any]:
     """Import what the notebook uses; stop at the first module that makes fork unsafe."""
     report: dict[str, Any] = {"skipped": {}}
     for name in modules:
@@ -796,10 +746,10 @@ def _end_leftovers(children: dict[int, int]) -> None:
 
 
 def _fork_rank(
-    message: tuple[Any, ...], fds: list[int], sock: socket.socket,
+    message: messages.Fork, fds: list[int], sock: socket.socket,
     children: dict[int, int], ours: tuple[int, ...],
 ) -> tuple[int, int]:
-    _, env, cwd, stacks_path = message
+    env, cwd, stacks_path = message.env, message.cwd, message.stacks_path
     control_fd, out_write, err_write = fds
     exit_read, exit_write = os.pipe()
     template_pid = os.getpid()

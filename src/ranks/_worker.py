@@ -1,5 +1,10 @@
 """The rank side: the entry point of every rank process, and its command loop.
 
+What one call does is ``_rank_call``'s (load, run in the namespace, reply), which a rank
+hosted elsewhere reuses; here is the rest: how the rank boots for its start method (its
+channel inherited or connected back, its lifelines), the control thread, the interrupt
+handler, and the exit.
+
 A rank is a fresh interpreter or a fork of the warm template (never a fork of the kernel).
 Its life:
 
@@ -28,12 +33,10 @@ here (unbuffered on Windows) so output streams live.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import ctypes
 import faulthandler
 import functools
-import linecache
 import os
 import queue
 import select
@@ -42,25 +45,19 @@ import socket
 import sys
 import threading
 import time
-import traceback
-import types
-from collections.abc import Iterator
 from multiprocessing.connection import Connection, wait
-from types import TracebackType
 from typing import Any, NoReturn, TextIO
 
-from . import _context, _dataplane, _namespace, _protocol, _runtime_dir, _serialize
+from . import _context, _dataplane, _protocol, _rank_call, _runtime_dir
 from ._descendants import TRACKER_WAIT, adopt_orphans, end_processes
 from ._lifeline import die_with_parent, watch_parent
+from ._os import current
 from ._protocol import (
     Call,
-    CallKind,
     Close,
     DebugInput,
     DebugPrompt,
-    Done,
     DumpStacks,
-    Failed,
     Init,
     Interrupt,
     Interrupted,
@@ -72,30 +69,15 @@ def main(argv: list[str], parent_adopts: bool = False) -> None:
     """``argv``: the control socket's fd (or ``portable``), the parent's pid, the file for
     stack dumps. ``parent_adopts``: the parent (the template) ends what the rank leaves
     behind when it exits."""
-    global _output_marks, _stacks_file, _parent_adopts
+    global _stacks_file, _parent_adopts
     _parent_adopts = parent_adopts
     parent_pid, stacks_path = int(argv[1]), argv[2]
     sys.argv = ["-c"]  # what user code sees: ours are not its arguments (as `python -c`)
     adopt_orphans()  # a daemon the user's code starts stays below the rank (_descendants)
     if argv[0] == "portable":
-        # As on Windows: connected back over loopback, no pidfd (_portable). On Linux a
-        # watcher still ends the rank's group once the rank is gone.
-        _guard_descendants(None)  # before any thread starts: it forks
-        from ._portable import CALL_MARK, REPLY_MARK, connect_back, output_mark
-
-        conn, token = connect_back()
-        _output_marks = (output_mark(token, REPLY_MARK), output_mark(token, CALL_MARK))
-        if os.name == "posix":
-            threading.Thread(target=_follow_parent, args=(parent_pid,), daemon=True,
-                             name="ranks-lifeline").start()
+        conn = _boot_portable(parent_pid)
     else:
-        control_fd = int(argv[0])
-        parent_pidfd = watch_parent(parent_pid)
-        _guard_descendants(parent_pidfd)  # before any thread starts: it forks
-        if parent_pidfd is not None:
-            os.close(parent_pidfd)
-        os.set_inheritable(control_fd, False)  # programs the user starts must not hold it
-        conn = Connection(control_fd)
+        conn = _boot_inherited(int(argv[0]), parent_pid)
     faulthandler.enable(file=2, all_threads=True)  # fd 2: the pipe to the kernel
     # Appending: the kernel empties the file before each dump, and the dump must then start
     # at its beginning, not at the offset the last one ended at.
@@ -120,7 +102,10 @@ def main(argv: list[str], parent_adopts: bool = False) -> None:
     except BaseException as error:
         during = "setting up (its GPU, torch.distributed)" if init.gpu is not None else (
             "setting up torch.distributed")
-        failure = _failure(None, error, during, skip=0)
+        try:
+            failure = _rank_call.failure(None, error, during, skip=0)
+        except SystemExit as request:
+            _exit_as_asked(request)
         _flush_all()
         _protocol.send(conn, failure)
         _leave(1)
@@ -141,6 +126,33 @@ def main(argv: list[str], parent_adopts: bool = False) -> None:
     _serve(conn, commands)
     _tear_down()
     _leave(0)
+
+
+def _boot_inherited(control_fd: int, parent_pid: int) -> Connection:
+    """The template and spawn starts: the channel is an inherited fd; a pidfd on the
+    parent, and the watcher process (Linux)."""
+    parent_pidfd = watch_parent(parent_pid)
+    _guard_descendants(parent_pidfd)  # before any thread starts: it forks
+    if parent_pidfd is not None:
+        os.close(parent_pidfd)
+    os.set_inheritable(control_fd, False)  # programs the user starts must not hold it
+    return Connection(control_fd)
+
+
+def _boot_portable(parent_pid: int) -> Connection:
+    """The portable start, as on Windows: connected back over loopback, no pidfd
+    (``_portable``); output marked for the relay. On Linux a watcher still ends the rank's
+    group once the rank is gone; on POSIX a thread follows the kernel."""
+    global _output_marks
+    _guard_descendants(None)  # before any thread starts: it forks
+    from ._portable import CALL_MARK, REPLY_MARK, connect_back, output_mark
+
+    conn, token = connect_back()
+    _output_marks = (output_mark(token, REPLY_MARK), output_mark(token, CALL_MARK))
+    if os.name == "posix":
+        threading.Thread(target=_follow_parent, args=(parent_pid,), daemon=True,
+                         name="ranks-lifeline").start()
+    return conn
 
 
 def _leave(status: int) -> NoReturn:
@@ -235,24 +247,12 @@ def _end_rank(rank_pid: int, rank_group: int, alive: bool) -> NoReturn:
 
 
 def _line_buffer_c_stdio() -> None:
-    """Make C's stdout stream: on a pipe it would hold output back until exit.
-
-    Linux: line-buffered. Windows: unbuffered, as its C runtime has no line buffering
-    (_IOLBF means full buffering there); native code writes there seldom.
-    """
+    """Make C's stdout stream: on a pipe it would hold output back until exit (line
+    buffering on Linux, none on Windows: ``_os``)."""
     c_runtime = _c_runtime()
-    try:
-        if c_runtime is None:
-            return
-        if sys.platform.startswith("linux"):
-            c_stdout = ctypes.c_void_p.in_dll(c_runtime, "stdout")
-            c_runtime.setvbuf(c_stdout, None, 1, 0)  # _IOLBF
-        elif sys.platform == "win32":
-            c_runtime.__acrt_iob_func.restype = ctypes.c_void_p
-            c_stdout = ctypes.c_void_p(c_runtime.__acrt_iob_func(1))
-            c_runtime.setvbuf(c_stdout, None, 4, 0)  # _IONBF
-    except (OSError, ValueError, AttributeError):
-        pass
+    if c_runtime is not None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            current.stream_c_stdout(c_runtime)
 
 
 @functools.cache
@@ -260,10 +260,7 @@ def _c_runtime() -> ctypes.CDLL | None:
     """The C library whose stdio the rank's native code uses, or None. Loaded once: it is
     flushed before every reply."""
     with contextlib.suppress(OSError):
-        if os.name == "posix":
-            return ctypes.CDLL(None)
-        if sys.platform == "win32":
-            return ctypes.CDLL("ucrtbase")
+        return current.c_runtime()
     return None
 
 
@@ -420,12 +417,14 @@ def _serve(conn: Connection, commands: queue.Queue[_protocol.Message]) -> None:
         if isinstance(message, Close):
             return
         assert isinstance(message, Call), message
-        reply = _execute(message, namespace)
+        try:
+            reply = _rank_call.execute(message, namespace, _folders)
+        except SystemExit as request:
+            _exit_as_asked(request)
         _flush_all()
         _send(conn, reply)
 
 
-_in_user_code = False
 # While pdb's prompt is sent from within the user's code: False, or True once an interrupt
 # came meanwhile (raised after the frame is out); None otherwise.
 _interrupt_held: bool | None = None
@@ -449,149 +448,12 @@ def _on_interrupt(signum: int, frame: Any) -> None:
     # framed it would corrupt the channel, and raised while idle there is nothing to stop.
     global _interrupt_held
     with contextlib.suppress(OSError):
-        _interrupt_taken[1].send(b"u" if _in_user_code else b"o")
-    if _in_user_code:
+        _interrupt_taken[1].send(b"u" if _rank_call.in_user_code() else b"o")
+    if _rank_call.in_user_code():
         if _interrupt_held is not None:  # a frame is being sent from the user's code
             _interrupt_held = True
             return
         raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _user_code() -> Iterator[None]:
-    """While the user's code runs (also inside pickle: __reduce__, __setstate__), SIGINT
-    raises KeyboardInterrupt. Cleared before any failure is reported: when this rank and a
-    peer fail together, the kernel's SIGINT (meant for the peer's echo) must not land in the
-    formatting of our own error, escape _serve and kill the rank."""
-    global _in_user_code
-    _in_user_code = True
-    try:
-        yield
-    finally:
-        _in_user_code = False
-
-
-def _execute(call: Call, namespace: dict[str, Any]) -> Done | Failed:
-    linecache.cache.update(call.cells)
-    try:
-        with _user_code():
-            if call.kind is CallKind.RUN:
-                fn, args, kwargs = _dataplane.load(call.payload, consume=False)
-            elif call.kind is CallKind.PUSH:
-                values = _dataplane.load(call.payload, consume=False)
-            elif call.kind is CallKind.EXEC:
-                source, filename, taken = _serialize.loads(call.payload)
-                code = compile(source, filename, "exec")
-                _namespace.bind(taken, namespace, _context.current().rank)
-    except BaseException as error:
-        return _failure(call.call_id, error, "loading what the kernel sent", skip=0)
-
-    try:
-        with _user_code():
-            if call.kind is CallKind.RUN:
-                _fill_missing_globals(fn, namespace)
-                result = fn(*args, **kwargs)
-            elif call.kind is CallKind.EXEC:
-                namespace.setdefault("__builtins__", builtins)
-                exec(code, namespace)
-                result = None
-            elif call.kind is CallKind.PUSH:
-                namespace.update(values)
-                result = None
-            elif call.kind is CallKind.DEBUG:
-                from ._rank_pdb import post_mortem
-
-                post_mortem()
-                result = None
-            else:
-                result = _pull(namespace, _serialize.loads(call.payload))
-    except BaseException as error:
-        if call.kind in (CallKind.RUN, CallKind.EXEC):  # the user's code, not push or pull
-            _keep_for_post_mortem(error)
-        # skip=1 drops this frame: the traceback starts in the user's code.
-        return _failure(call.call_id, error, "running the function", skip=1)
-
-    try:
-        with _user_code():
-            payload = _dataplane.send_value(result, _folders)
-    except BaseException as error:
-        return _failure(call.call_id, error, "sending the result to the kernel", skip=0)
-    return Done(call.call_id, payload)
-
-
-def _keep_for_post_mortem(error: BaseException) -> None:
-    """Where the interpreter keeps an uncaught exception, for ``World.debug`` (and the
-    user's own ``pdb.pm()``), as IPython does for ``%debug``. Without this frame."""
-    tb = error.__traceback__
-    sys.last_type, sys.last_value = type(error), error
-    sys.last_exc = error  # type: ignore[attr-defined,unused-ignore]  # Python 3.12+ keeps it here
-    sys.last_traceback = tb.tb_next if tb is not None and tb.tb_next is not None else tb
-
-
-def _fill_missing_globals(fn: Any, namespace: dict[str, Any]) -> None:
-    """Names a notebook function uses but the kernel lacks come from the rank's namespace.
-
-    A function sent by value carries the kernel's values of the globals it names; one that
-    names ``model`` created on the ranks (``World.exec``, ``%%ranks``) finds it here.
-    """
-    func = getattr(fn, "__func__", fn)
-    if not isinstance(func, types.FunctionType) or func.__globals__ is namespace:
-        return
-    shared = func.__globals__
-    # The notebook helpers fn calls share its globals (cloudpickle sends them together):
-    # the names they use count too.
-    todo, seen = [func], set()
-    while todo:
-        code = todo.pop().__code__
-        if code in seen:
-            continue
-        seen.add(code)
-        for name in _serialize.global_names(code):
-            value = shared.get(name)
-            if isinstance(value, types.FunctionType) and value.__globals__ is shared:
-                todo.append(value)
-            elif name not in shared and name in namespace:
-                shared[name] = namespace[name]
-
-
-def _pull(namespace: dict[str, Any], name: str) -> Any:
-    try:
-        return namespace[name]
-    except KeyError:
-        rank = _context.current().rank
-        raise NameError(f"name {name!r} is not defined on rank {rank}") from None
-
-
-def _failure(call_id: int | None, error: BaseException, during: str, skip: int) -> Failed:
-    # When it failed, not when the report is ready: formatting and pickling can take long
-    # enough for a peer's later failure, or our SIGINT, to look earlier than this one.
-    at = time.monotonic()
-    if isinstance(error, SystemExit):
-        _exit_as_asked(error)
-    tb: TracebackType | None = error.__traceback__
-    for _ in range(skip):
-        tb = tb.tb_next if tb is not None else None
-    text = "".join(traceback.format_exception(type(error), error, tb))
-    payload: bytes | None
-    try:
-        payload = _serialize.dumps(error)
-        # Exceptions whose __init__ takes other args fail only here; a __reduce__ may also
-        # rebuild something that is no exception at all.
-        if not isinstance(_serialize.loads(payload), BaseException):
-            payload = None
-    except BaseException:
-        payload = None
-    return Failed(call_id, payload, type(error).__qualname__, _message_of(error), text, during,
-                  at)
-
-
-def _message_of(error: BaseException) -> str:
-    """``str(error)``, or what the traceback module prints where the user's ``__str__``
-    raises: such an exception must be reported, not end the rank."""
-    try:
-        return str(error)
-    except BaseException:
-        return "<exception str() failed>"
 
 
 def _exit_as_asked(request: SystemExit) -> NoReturn:

@@ -2,7 +2,8 @@
 
 A World validates what it is given before any process starts, builds each rank's
 environment (torchrun's variables, its GPUs, the kernel's own environment otherwise),
-and hands the processes to a Supervisor, which it owns. One-shot ``ranks.run`` is a World
+and hands the processes to its backend (``_backends``: where the ranks run; ``local``, this
+machine, is ``_supervisor``'s), which it owns. One-shot ``ranks.run`` is a World
 that lives for one call.
 
 A World whose rank died is *broken*: its remaining ranks are stopped (their peers in a
@@ -21,7 +22,6 @@ from __future__ import annotations
 import itertools
 import linecache
 import os
-import socket
 import sys
 import threading
 import time
@@ -32,14 +32,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from . import _dataplane, _frameworks, _namespace, _notebook, _serialize
+from . import _backends, _dataplane, _frameworks, _namespace, _notebook, _serialize
+from ._backends import Backend, Rendezvous
 from ._dataplane import Folders
 from ._errors import RanksError, RanksTimeout, WorldBroken, add_note
+from ._os import current
 from ._placement import RankSpec, gpu_memory_by_pid, plan_ranks, visible_gpus
 from ._protocol import CallKind, Done, Init
 from ._report import build_error, raising_rank
 from ._stacks import Stacks, hang_note
-from ._supervisor import INTERRUPT_POLL, Supervisor, WaitResult
+from ._supervisor import INTERRUPT_POLL, WaitResult
 
 Output = Literal["all", "rank0", "none"] | Sequence[int]
 
@@ -89,23 +91,24 @@ class World:
     ) -> None:
         __tracebackhide__ = True
         specs, extra_env = _check_world(n, gpus, torch_dist, env, backend)
-        self._start(specs, torch_dist, extra_env, None, lambda rank: True, None)
+        self._start(specs, torch_dist, extra_env, backend, None, lambda rank: True, None)
 
     @classmethod
     def _started(
         cls, specs: list[RankSpec], torch_dist: bool, extra_env: Mapping[str, str],
-        timeout: float | None, shown: Callable[[int], bool], started: float,
+        backend: str, timeout: float | None, shown: Callable[[int], bool], started: float,
     ) -> World:
         """ranks.run's own World: the user never sees it, and its call's ``timeout`` and
         ``output`` already apply while it starts."""
         world = cls.__new__(cls)
         world._one_shot = True
-        world._start(specs, torch_dist, extra_env, timeout, shown, started)
+        world._start(specs, torch_dist, extra_env, backend, timeout, shown, started)
         return world
 
     def _start(
         self, specs: list[RankSpec], torch_dist: bool, extra_env: Mapping[str, str],
-        timeout: float | None, shown: Callable[[int], bool], started: float | None,
+        backend: str, timeout: float | None, shown: Callable[[int], bool],
+        started: float | None,
     ) -> None:
         __tracebackhide__ = True
         self._specs = specs
@@ -114,7 +117,7 @@ class World:
         self._raised_on: int | None = None  # the rank of the last call's exception, for debug()
         self._big_sent: dict[str, weakref.ref[Any]] = {}  # see _warn_if_resent
         self._big_warned: set[str] = set()
-        # Held by whichever thread uses the Supervisor, which is not thread-safe: two calls
+        # Held by whichever thread uses the backend, which is not thread-safe: two calls
         # at once would read each other's replies. Reentrant: close() holds it and then
         # runs the finalizer, which takes it too.
         self._lock = threading.RLock()
@@ -123,20 +126,22 @@ class World:
             if self._folders is not None:
                 extra_env = {**extra_env,
                              _dataplane.FOLDERS_VARIABLE: self._folders.as_variable()}
-            envs = _rank_environments(specs, extra_env)
             cwd = os.getcwd()
             sys_path = _notebook.kernel_sys_path()
-            self._supervisor = Supervisor(specs, envs, cwd)
+            self._backend = _backends.create(backend, specs, cwd)
         except BaseException:
             if self._folders is not None:
                 self._folders.remove()
             raise
         self._finalizer = weakref.finalize(
-            self, _close_supervisor, self._lock, self._supervisor, self._folders)
+            self, _close_backend, self._lock, self._backend, self._folders)
         try:
-            ready = self._supervisor.start(
+            meet = self._backend.rendezvous
+            envs = _rank_environments(specs, extra_env, meet, self._backend.free_port)
+            ready = self._backend.start(
+                envs,
                 lambda spec: Init(spec.rank, spec.world_size, spec.gpu, torch_dist, sys_path, cwd,
-                                  self._supervisor.rendezvous_path),
+                                  meet.store_path),
                 timeout, shown, started,
             )
         except KeyboardInterrupt:
@@ -229,11 +234,11 @@ class World:
             return self._status()
 
     def _status(self) -> list[RankStatus]:
-        dead = set() if self.closed else set(self._supervisor.dead_ranks())
+        dead = set() if self.closed else set(self._backend.dead_ranks())
         memory = gpu_memory_by_pid()
         rows = []
         for spec in self._specs:
-            pid = self._supervisor.pids[spec.rank]
+            pid = self._backend.pids[spec.rank]
             if self.closed:
                 state = "closed"
             else:
@@ -250,7 +255,7 @@ class World:
         """
         if self.closed:
             raise RanksError("this World is closed; start a new one")
-        return Stacks(self._supervisor.stacks())
+        return Stacks(self._backend.stacks())
 
     def debug(self, rank: int | None = None) -> None:
         """pdb at the frame where the last failed call raised on ``rank``, as IPython's
@@ -268,7 +273,7 @@ class World:
 
     def log_path(self, rank: int) -> str:
         """The file holding everything ``rank`` printed (also what was not shown)."""
-        return self._supervisor.log_path(rank)
+        return self._backend.log_path(rank)
 
     def close(self) -> None:
         """Stop every rank and release everything; safe to call again. A call that another
@@ -330,7 +335,7 @@ class World:
                 if id(packed) not in staged:
                     staged[id(packed)] = _dataplane.stage(packed, self._folders)
                 sent[rank] = staged[id(packed)]
-            result = self._supervisor.call(kind, sent, cells, timeout, shown, started)
+            result = self._backend.call(kind, sent, cells, timeout, shown, started)
         finally:
             # Every rank has answered or ended: none maps the arguments' file any more.
             for payload in staged.values():
@@ -400,16 +405,16 @@ class World:
 
     def _mark_broken_if_dead(self) -> list[int]:
         """The ranks that have ended; if any, the World is broken and the others are killed."""
-        dead = self._supervisor.dead_ranks()
+        dead = self._backend.dead_ranks()
         if dead and self._broken is None:
             self._broken = f"rank(s) {dead} ended"
-            self._supervisor.kill()  # the survivors would wait on the dead in collectives
+            self._backend.kill()  # the survivors would wait on the dead in collectives
         return dead
 
     def _failure_of(self, result: WaitResult) -> BaseException | None:
         """The exception a finished wait ends in, marking the World broken if a rank died."""
         dead = self._mark_broken_if_dead()
-        pids = self._supervisor.pids
+        pids = self._backend.pids
         devices = {s.rank: s.describe() for s in self._specs}
         error = build_error(result.outcomes, pids, devices)
         if result.timeout is not None:
@@ -426,10 +431,10 @@ class World:
             if result.hung:
                 add_note(error, hang_note(result.hung))
         if error is not None:
-            self._supervisor.router.keep()  # the error may point at the logs
+            self._backend.keep_logs()  # the error may point at the logs
         if isinstance(error, RanksTimeout):
             add_note(error, f"ranks: all the ranks printed (until the kernel exits):"
-                     f" {self._supervisor.router.log_dir}")
+                     f" {self._backend.log_dir}")
         if error is not None and dead and not self._one_shot:
             # Said by whichever error the cell shows: a timeout or an interrupt that had to
             # kill, as much as a crash, leaves the World unusable.
@@ -444,9 +449,7 @@ def _release_results(replies: Mapping[int, object]) -> None:
             _dataplane.release(reply.payload)
 
 
-def _close_supervisor(
-    lock: threading.RLock, supervisor: Supervisor, folders: Folders | None,
-) -> None:
+def _close_backend(lock: threading.RLock, backend: Backend, folders: Folders | None) -> None:
     """The World's finalizer: ``close()``, garbage collection, interpreter exit.
 
     At exit a daemon thread may still be in a call: after CLOSE_WAIT its ranks are ended
@@ -454,7 +457,7 @@ def _close_supervisor(
     """
     held = lock.acquire(timeout=CLOSE_WAIT)
     try:
-        supervisor.close()
+        backend.close()
     finally:
         if held:
             lock.release()
@@ -462,24 +465,19 @@ def _close_supervisor(
             folders.remove()  # results the kernel still holds stay mapped
 
 
-MAX_RANKS_WAITED = 15  # Windows before Python 3.13: see _check_world
-
-
 def _check_world(
     n: int | None, gpus: Sequence[int] | None, torch_dist: bool,
     env: Mapping[str, str] | None, backend: str,
 ) -> tuple[list[RankSpec], dict[str, str]]:
-    if backend != "local":
-        raise ValueError(f"backend={backend!r} is not available; use backend='local'")
+    _backends.check(backend)
     if not isinstance(torch_dist, bool):
         raise TypeError(f"torch_dist must be True or False, not {torch_dist!r}")
     extra = _check_env(env)
     specs = plan_ranks(n, gpus, visible_gpus())
-    if sys.platform == "win32" and sys.version_info < (3, 13) and len(specs) > MAX_RANKS_WAITED:
-        # Each rank is four objects to wait on, and before 3.13 multiprocessing's wait()
-        # hands them to one WaitForMultipleObjects call, which takes at most 63.
+    most = current.MAX_RANKS_WAITED  # Windows before Python 3.13: see _os.windows
+    if most is not None and len(specs) > most:
         raise RanksError(f"{len(specs)} ranks on Windows need Python 3.13 or newer; this"
-                         f" Python waits on at most {MAX_RANKS_WAITED} ranks")
+                         f" Python waits on at most {most} ranks")
     return specs, extra
 
 
@@ -538,15 +536,9 @@ def _shown_ranks(output: Output, size: int) -> Callable[[int], bool]:
     return lambda rank: rank in chosen
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _rank_environments(
-    specs: list[RankSpec], extra: Mapping[str, str]
+    specs: list[RankSpec], extra: Mapping[str, str], meet: Rendezvous,
+    free_port: Callable[[], int],
 ) -> dict[int, dict[str, str]]:
     base = _notebook.kernel_environment()
     base.update(extra)
@@ -559,23 +551,19 @@ def _rank_environments(
     shared = {
         "WORLD_SIZE": str(size), "LOCAL_WORLD_SIZE": str(size), "GROUP_RANK": "0",
         "NODE_RANK": "0", "ROLE_NAME": "default", "ROLE_WORLD_SIZE": str(size),
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+        "MASTER_ADDR": meet.address, "MASTER_PORT": str(meet.port),
         "TORCHELASTIC_RUN_ID": f"ranks-{os.getpid()}-{time.monotonic_ns()}",
         "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
         "CUDA_VISIBLE_DEVICES": cuda_mask, "PYTHONUNBUFFERED": "1",
     }
     if size > 1:
         base.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: ranks share the cores
-    if sys.platform.startswith("linux"):
-        # One host: Gloo's and NCCL's own sockets stay on loopback unless the user says.
-        base.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        base.setdefault("NCCL_SOCKET_IFNAME", "lo")
-    if sys.platform == "win32":
-        # torch's Windows builds have no libuv, yet their TCPStore asks for it by default:
-        # code that calls init_process_group() itself (env://) fails without this
-        # (pytorch/pytorch#139990).
-        base.setdefault("USE_LIBUV", "0")
-    frameworks = _frameworks.environments(specs, shared["MASTER_ADDR"], _free_port)
+    if meet.socket_ifname is not None:  # where Gloo and NCCL listen, unless the user says
+        base.setdefault("GLOO_SOCKET_IFNAME", meet.socket_ifname)
+        base.setdefault("NCCL_SOCKET_IFNAME", meet.socket_ifname)
+    for name, value in current.RANK_ENVIRONMENT.items():  # USE_LIBUV=0 on Windows (_os)
+        base.setdefault(name, value)
+    frameworks = _frameworks.environments(specs, meet.address, free_port)
     envs = {}
     for spec in specs:
         env = {**base, **frameworks[spec.rank], **extra, **shared}
