@@ -10,7 +10,8 @@ around the transfer alone, and every receiver reads one value per 4 KiB page of 
 (so a mapping that is never touched cannot look free):
 
     in       the kernel's array (--size-mib) to each of n receivers
-    out      an array of --size-mib made on each of n senders, to the kernel
+    out      an array of --out-mib (default: --size-mib) made on each of n senders, to the
+             kernel
 
     copy               one in-memory copy of the array in the kernel: the floor
     ranks              a warm ranks.World: World.run(read, args=(data,)) and World.pull
@@ -75,7 +76,7 @@ context = mp.get_context("spawn")
 pipes, peers = [], []
 for _ in range({n}):
     ours, theirs = context.Pipe()
-    peer = context.Process(target=serve, args=(theirs, {elements}))
+    peer = context.Process(target=serve, args=(theirs, {made}))
     peer.start()
     pipes.append(ours); peers.append(peer)
 for conn in pipes:
@@ -124,7 +125,7 @@ class Peer:
     def give(self):
         return self.made
 
-actors = [Peer.remote({elements}) for _ in range({n})]
+actors = [Peer.remote({made}) for _ in range({n})]
 ray.get([a.read.remote(np.zeros(1)) for a in actors])
 
 def ray_in():
@@ -197,11 +198,11 @@ def measure(kernel: Kernel, expression: str, repeat: int) -> tuple[float, int]:
     return best, extra
 
 
-def transfers(kernel: Kernel, n: int, elements: int, methods: list[str],
+def transfers(kernel: Kernel, n: int, elements: int, made: int, methods: list[str],
               repeat: int, folder: Path) -> list[dict[str, Any]]:
     rows = []
     kernel.run(f"w = ranks.World(n={n})\nw.exec('import numpy as np')", 300)
-    kernel.run(f"w.exec('made = np.ones({elements})')\nw.push(read=read)", 300)
+    kernel.run(f"w.exec('made = np.ones({made})')\nw.push(read=read)", 300)
     try:
         cases = {
             "copy": ("data.copy()", "data.copy()"),
@@ -210,11 +211,12 @@ def transfers(kernel: Kernel, n: int, elements: int, methods: list[str],
         if "mp pipe" in methods:
             (folder / "mp_peer.py").write_text(MP_PEER)
             kernel.run(f"import sys; sys.path.insert(0, {str(folder)!r})", 30)
-            kernel.run(MP_SETUP.format(n=n, elements=elements), 300)
+            kernel.run(MP_SETUP.format(n=n, made=made), 300)
             cases["mp pipe"] = ("mp_in()", "mp_out()")
         if "ray" in methods:
-            store = min(int(psutil.virtual_memory().available * 0.6), (n + 2) * elements * 8)
-            kernel.run(RAY_SETUP.format(n=n, elements=elements, store=store), 600)
+            store = min(int(psutil.virtual_memory().available * 0.6),
+                        (elements + 2 * n * made) * 8)
+            kernel.run(RAY_SETUP.format(n=n, made=made, store=store), 600)
             cases["ray"] = ("ray_in()", "ray_out()")
         for method, (into, out_of) in cases.items():
             if method not in methods and method not in ("copy", "ranks"):
@@ -295,6 +297,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--ns", default="2,8")
+    parser.add_argument("--out-mib", type=int, default=None,
+                        help="what each sender sends back (default: --size-mib); n senders of"
+                        " 1 GiB need 2n GiB of memory for any method, beyond a small machine")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-ray", action="store_true")
     parser.add_argument("--threshold", action="store_true")
@@ -318,7 +323,9 @@ def main() -> None:
         else:
             rows = []
             for n in (int(x) for x in options.ns.split(",")):
-                rows += transfers(kernel, n, elements, methods, options.repeat, Path(tmp))
+                made = (options.out_mib or options.size_mib) * 2**20 // 8
+                rows += transfers(kernel, n, elements, made, methods, options.repeat,
+                                  Path(tmp))
             text = markdown(rows, options.size_mib)
     header = (f"{datetime.date.today()}, {platform.node()}: {os.cpu_count()} cores,"
               f" {psutil.virtual_memory().total / 2**30:.0f} GiB,"
