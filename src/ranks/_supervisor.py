@@ -531,7 +531,8 @@ class Supervisor:
             if not behind:
                 return
             if (left := limit - time.monotonic()) <= 0:
-                for proc in {proc for proc, _ in behind}:
+                # By rank: a RankProcess is a dataclass, so it cannot be put in a set.
+                for proc in {proc.spec.rank: proc for proc, _ in behind}.values():
                     log.info("rank %d: the start of the call is not in its output after %g s",
                              proc.spec.rank, OUTPUT_CATCH_UP)
                     proc.output_lost()
